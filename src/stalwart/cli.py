@@ -1,0 +1,168 @@
+"""The ``stalwart`` command line: train, report, bench."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="stalwart: parameter-server training that survives failures, stragglers and loss.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (they measure; they are not tests).")
+app.add_typer(bench_app, name="bench")
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML job file; flags override it"),
+    workers: Optional[int] = typer.Option(None, help="number of worker processes"),
+    servers: Optional[int] = typer.Option(None, help="number of server processes (shards)"),
+    sync: Optional[str] = typer.Option(None, help="synchronization policy: bsp | asp"),
+    dataset: Optional[str] = typer.Option(None, help="mnist1d | digits | synthetic | mnist | fashion-mnist | cifar10"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder holding local data files"),
+    samples: Optional[int] = typer.Option(None, help="examples to generate (mnist1d, synthetic)"),
+    model: Optional[str] = typer.Option(None, help="mlp | cnn1d | papercnn | package.module:factory"),
+    optimizer: Optional[str] = typer.Option(None, help="server-side optimizer: sgd | adam"),
+    lr: Optional[float] = typer.Option(None, help="learning rate"),
+    momentum: Optional[float] = typer.Option(None, help="SGD momentum"),
+    batch_size: Optional[int] = typer.Option(None, help="per-worker batch size"),
+    duration: Optional[float] = typer.Option(None, help="seconds of training"),
+    epochs: Optional[float] = typer.Option(None, help="epochs over each worker's shard"),
+    target_accuracy: Optional[float] = typer.Option(None, help="report the time to reach this test accuracy"),
+    stop_at_target: Optional[bool] = typer.Option(None, help="stop once the target accuracy is reached"),
+    seed: Optional[int] = typer.Option(None, help="seed of data, initial weights and shuffling"),
+    host: Optional[str] = typer.Option(None, help="address servers bind to (default loopback)"),
+    transport: Optional[str] = typer.Option(None, help="transport: tcp"),
+    out: Optional[Path] = typer.Option(None, help="parent folder of run directories"),
+    name: Optional[str] = typer.Option(None, help="run directory name"),
+    tensorboard: Optional[Path] = typer.Option(None, help="also write TensorBoard event files here"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no live progress display"),
+) -> None:
+    """Train a model on a parameter server; leaves a run directory with logs, summary and plots."""
+    from .config import ConfigError, JobConfig
+    from .data import DatasetError
+    from .launch import Job, JobFailed
+
+    overrides = {
+        "cluster.workers": workers, "cluster.servers": servers, "cluster.host": host,
+        "cluster.transport": transport, "sync.policy": sync, "data.dataset": dataset,
+        "data.data_dir": str(data_dir) if data_dir else None, "data.samples": samples,
+        "data.batch_size": batch_size, "model.name": model, "optimizer.name": optimizer,
+        "optimizer.lr": lr, "optimizer.momentum": momentum, "train.duration_s": duration,
+        "train.epochs": epochs, "train.target_accuracy": target_accuracy,
+        "train.stop_at_target": stop_at_target, "train.seed": seed,
+        "out": str(out) if out else None, "name": name,
+        "tensorboard": str(tensorboard) if tensorboard else None,
+        "progress": False if quiet else None,
+    }
+    try:
+        job_config = JobConfig.load(config, overrides)
+    except ConfigError as exc:
+        _fail(f"config error: {exc}")
+    job = Job(job_config)
+    try:
+        summary = job.run()
+    except (DatasetError, ValueError, TypeError) as exc:
+        _fail(str(exc))
+    except JobFailed as exc:
+        _fail(f"job failed: {exc}", code=1)
+    except KeyboardInterrupt:
+        _fail(f"interrupted; partial results in {job.run_dir}", code=130)
+    _print_table([summary])
+    console.print(f"run directory: {summary['run_dir']}")
+
+
+def _print_table(summaries: list[dict]) -> None:
+    table = Table(title="runs")
+    cols = ("run", "sync", "w/s", "final acc", "best acc", "time to target", "wall s", "updates", "MB pushed")
+    for col in cols:
+        table.add_column(col, justify="right")
+    for s in summaries:
+        ttt = s.get("time_to_target_s")
+        table.add_row(Path(s["run_dir"]).name, s["sync"], f"{s['workers']}/{s['servers']}",
+                      _fmt(s["final_accuracy"]), _fmt(s["best_accuracy"]),
+                      "-" if ttt is None else f"{ttt:.1f}s", _fmt(s["wall_s"], 1),
+                      str(s["updates_applied"]), f"{s['bytes_pushed'] / 1e6:.1f}")
+    console.print(table)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="run directories"),
+    out: Optional[Path] = typer.Option(None, help="overlay plot of all runs (default: report.png here)"),
+    as_json: bool = typer.Option(False, "--json", help="print the summaries as JSON"),
+) -> None:
+    """Rebuild summaries and plots of finished runs and compare them."""
+    from .metrics.plots import plot_runs
+    from .metrics.summary import summarize, write_summary
+
+    summaries = []
+    for run in runs:
+        if not (run / "config.yaml").exists():
+            _fail(f"{run} is not a run directory (no config.yaml)")
+        previous = run / "summary.json"
+        status = json.loads(previous.read_text()).get("status", "completed") if previous.exists() else "unknown"
+        summaries.append(write_summary(run, status=status) if summarize(run)["curve"] else summarize(run))
+    if len(summaries) > 1:
+        path = plot_runs(summaries, out or Path("report.png"))
+        console.print(f"overlay plot: {path}")
+    if as_json:
+        print(json.dumps([{k: v for k, v in s.items() if k != "curve"} for s in summaries], indent=1))
+    else:
+        _print_table(summaries)
+
+
+@bench_app.command("pushpull")
+def bench_pushpull(
+    params: list[str] = typer.Option(["1M", "10M", "100M"], "--params", "-p", help="model sizes, e.g. 1M 25M"),
+    workers: list[int] = typer.Option([1, 4], "--workers", "-w"),
+    servers: list[int] = typer.Option([1], "--servers", "-s"),
+    transport: str = typer.Option("tcp"),
+    seconds: float = typer.Option(3.0, help="measuring time per configuration"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Push+pull throughput (MB/s of parameters moved) against raw loopback TCP."""
+    from .bench.pushpull import parse_size, run_pushpull
+
+    try:
+        sizes = [parse_size(p) for p in params]
+    except ValueError as exc:
+        _fail(str(exc))
+    result = run_pushpull(sizes, workers, servers, transport, seconds, progress=not as_json)
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return
+    table = Table(title=f"push+pull over {transport}; raw loopback TCP {result['limit_mb_per_s']:.0f} MB/s")
+    for col in ("params", "workers", "servers", "round trips", "ms/round", "MB/s", "ratio to raw TCP"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        table.add_row(f"{r['params']:,}", str(r["workers"]), str(r["servers"]), str(r["round_trips"]),
+                      f"{r['ms_per_round']:.2f}", f"{r['mb_per_s']:.0f}", f"{r['ratio_to_limit']:.2f}")
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

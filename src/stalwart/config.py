@@ -1,0 +1,182 @@
+"""Job configuration: one pydantic model, from YAML, flags or Python, validated up front.
+
+A bad value fails before any process starts, with one line naming the field:
+``config error: optimizer.lr: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClusterConfig(_Section):
+    workers: int = Field(4, ge=1, le=1024)
+    servers: int = Field(2, ge=1, le=256)
+    # Loopback unless told otherwise: a server is reachable only from this host by default.
+    host: str = "127.0.0.1"
+    transport: str = "tcp"
+    launcher: Literal["local"] = "local"
+    heartbeat_s: float = Field(0.2, gt=0, le=10)
+    lease_s: float = Field(2.0, gt=0, le=120)
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> "ClusterConfig":
+        if self.lease_s <= 2 * self.heartbeat_s:
+            raise ValueError(f"lease_s ({self.lease_s}) must exceed two heartbeats "
+                             f"({2 * self.heartbeat_s}) or healthy members would expire")
+        return self
+
+    @field_validator("transport")
+    @classmethod
+    def _known_transport(cls, value: str) -> str:
+        from .transport import TRANSPORTS
+        if value not in TRANSPORTS:
+            raise ValueError(f"unknown transport {value!r}; choose one of {sorted(TRANSPORTS)}")
+        return value
+
+
+class DataConfig(_Section):
+    dataset: str = "mnist1d"
+    data_dir: Path | None = None
+    # MNIST-1D: samples generated; synthetic: samples drawn. None means the data set's default.
+    samples: int | None = Field(None, ge=20)
+    features: int = Field(256, ge=1, description="input size of the synthetic data set")
+    batch_size: int = Field(32, ge=1, le=65536)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        from .data.datasets import DATASETS
+        if value not in DATASETS:
+            raise ValueError(f"unknown dataset {value!r}; choose one of {sorted(DATASETS)}")
+        return value
+
+
+class ModelConfig(_Section):
+    # A built-in name or a user factory as "package.module:factory".
+    name: str = "cnn1d"
+    hidden: int = Field(256, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from .models import BUILTIN
+        if value not in BUILTIN and ":" not in value:
+            raise ValueError(f"unknown model {value!r}; choose one of {sorted(BUILTIN)} "
+                             f"or give a factory as 'package.module:function'")
+        return value
+
+
+class OptimizerConfig(_Section):
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"betas {value} must each lie in [0, 1)")
+        return value
+
+
+class SyncConfig(_Section):
+    # "bsp" or "asp"; parsed and checked by stalwart.sync.parse_policy.
+    policy: str = "bsp"
+
+    @field_validator("policy")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        from .sync import parse_policy
+        parse_policy(value)
+        return value
+
+
+class TrainConfig(_Section):
+    duration_s: float | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    target_accuracy: float | None = Field(0.9, gt=0, le=1)
+    stop_at_target: bool = False
+    eval_interval_s: float = Field(1.0, gt=0)
+    seed: int = 0
+    log_every: int = Field(10, ge=1, description="worker iterations between loss events")
+
+    @model_validator(mode="after")
+    def _has_a_stopping_rule(self) -> "TrainConfig":
+        if self.duration_s is None and self.epochs is None:
+            self.duration_s = 30.0
+        if self.stop_at_target and self.target_accuracy is None:
+            raise ValueError("stop_at_target needs target_accuracy")
+        return self
+
+
+class JobConfig(_Section):
+    cluster: ClusterConfig = ClusterConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    sync: SyncConfig = SyncConfig()
+    train: TrainConfig = TrainConfig()
+    out: Path = Path("runs")
+    name: str | None = None
+    tensorboard: Path | None = None
+    progress: bool = True
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "JobConfig":
+        """From an optional YAML file, then dotted overrides (``{"optimizer.lr": 0.1}``)."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                loaded = yaml.safe_load(Path(path).read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"config file {path} does not exist") from None
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            if loaded is not None and not isinstance(loaded, dict):
+                raise ConfigError(f"config file {path} must hold a mapping at the top level")
+            data = loaded or {}
+        for dotted, value in (overrides or {}).items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return cls.validate_dict(data)
+
+    @classmethod
+    def validate_dict(cls, data: dict[str, Any]) -> "JobConfig":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError.from_validation(exc) from None
+
+    def dump_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class ConfigError(ValueError):
+    """A configuration that makes no sense; the message names the field."""
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError) -> "ConfigError":
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "config"
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {msg}")
+        return cls("; ".join(lines))

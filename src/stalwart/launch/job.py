@@ -1,0 +1,202 @@
+"""A training job, from configuration to run directory.
+
+:class:`Job` is the driver: it prepares the data and the parameter layout, starts the
+coordinator, the servers and the workers through a launcher, evaluates the servers'
+model on the test set as an observer, decides when to stop, and stops everything in
+order: workers first (they leave their barriers), then a final evaluation, then the
+servers and the coordinator. Any role that dies unasked stops the job with a message
+that names it. Whatever happens, the run directory ends with ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import time
+from datetime import datetime
+from pathlib import Path
+
+from ..config import JobConfig
+from ..control import CoordinatorClient, CoordinatorError
+from ..data import load_dataset
+from ..layout import ParameterLayout
+from ..metrics import EventLog
+from ..metrics.progress import Progress
+from ..metrics.summary import write_summary
+from ..metrics.tensorboard import TensorBoardSink
+from ..models import build_model
+from .base import Exit
+from .local import LocalLauncher
+from .spec import LISTEN_FD_ENV, TOKEN_ENV, RoleSpec
+
+STARTUP_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+
+
+class JobFailed(RuntimeError):
+    """The job could not run to its end; the message says which role failed and how."""
+
+
+class Job:
+    def __init__(self, config: JobConfig):
+        self.config = config
+        self.run_dir: Path | None = None
+        self.summary: dict | None = None
+
+    # --- set-up ------------------------------------------------------------------
+    def _make_run_dir(self) -> Path:
+        c = self.config
+        name = c.name or f"{datetime.now():%Y%m%d-%H%M%S}-{c.sync.policy.replace(':', '')}-w{c.cluster.workers}s{c.cluster.servers}"
+        run_dir = Path(c.out) / name
+        suffix = 1
+        while run_dir.exists():
+            suffix += 1
+            run_dir = Path(c.out) / f"{name}-{suffix}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(c.dump_yaml())
+        return run_dir
+
+    def run(self) -> dict:
+        c = self.config
+        self.run_dir = run_dir = self._make_run_dir()
+        log = EventLog.for_role(run_dir, "driver", 0)
+        log.emit("job_start", config=c.model_dump(mode="json"))
+        # Data and model once here: fills the data cache and fixes the layout that
+        # every role shares, and fails early (before any process) on a bad setting.
+        ds = load_dataset(c.data.dataset, seed=c.train.seed, samples=c.data.samples,
+                          features=c.data.features, data_dir=c.data.data_dir)
+        model = build_model(c.model.name, ds.input_shape, ds.num_classes, seed=c.train.seed,
+                            hidden=c.model.hidden)
+        layout = ParameterLayout.from_module(model)
+        bounds = layout.shard_bounds(c.cluster.servers)
+        (run_dir / "layout.json").write_text(json.dumps(
+            {"total": layout.total, "bounds": bounds, "entries": layout.to_json()}, indent=1))
+
+        token = secrets.token_bytes(32)
+        listen = socket.create_server((c.cluster.host, 0))
+        host, port = listen.getsockname()[:2]
+        spec = RoleSpec(config=c.model_dump(mode="json"), run_dir=str(run_dir.resolve()),
+                        coordinator=f"{host}:{port}", bounds=bounds,
+                        input_shape=list(ds.input_shape), num_classes=ds.num_classes)
+        spec_path = run_dir / "spec.json"
+        spec.save(spec_path)
+        launcher = LocalLauncher(spec_path, run_dir,
+                                 {TOKEN_ENV: token.hex(), LISTEN_FD_ENV: str(listen.fileno())})
+        progress = Progress(enabled=c.progress, target=c.train.target_accuracy)
+        status, error = "completed", None
+        try:
+            listen.set_inheritable(True)
+            launcher.start("coordinator", 0, pass_fds=(listen.fileno(),))
+            listen.close()
+            for s in range(c.cluster.servers):
+                launcher.start("server", s)
+            for w in range(c.cluster.workers):
+                launcher.start("worker", w)
+            log.emit("launched", servers=c.cluster.servers, workers=c.cluster.workers,
+                     parameters=layout.total, bounds=bounds)
+            with progress:
+                status = self._drive(launcher, spec, token, model, ds, log, progress)
+        except KeyboardInterrupt:
+            status, error = "interrupted", "interrupted by the user (Ctrl-C)"
+        except JobFailed as exc:
+            status, error = "failed", str(exc)
+        finally:
+            for e in launcher.shutdown(grace_s=5.0):
+                log.emit("role_exit", member_role=e.role, member_index=e.index, returncode=e.returncode)
+            log.emit("job_end", status=status, error=error)
+            log.close()
+            self.summary = write_summary(run_dir, status=status, error=error)
+        if status == "failed":
+            raise JobFailed(error)
+        if status == "interrupted":
+            raise KeyboardInterrupt(error)
+        return self.summary
+
+    # --- the driver loop -----------------------------------------------------------
+    def _drive(self, launcher: LocalLauncher, spec: RoleSpec, token: bytes, model, ds,
+               log: EventLog, progress: Progress) -> str:
+        from ..worker.client import ParameterClient
+        from ..worker.evaluator import Evaluator
+        c = self.config
+
+        def check(exits: list[Exit]) -> None:
+            for e in exits:
+                log.emit("role_exit", member_role=e.role, member_index=e.index, returncode=e.returncode)
+                if e.returncode == 0 and e.role == "worker":
+                    finished.add(e.index)
+                elif e.returncode != 0 or not shutting_down:
+                    raise JobFailed(f"{e.describe()}; stopping the job (see {self.run_dir}/logs/"
+                                    f"{e.role}-{e.index}.log)")
+
+        finished: set[int] = set()
+        shutting_down = False
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        control = None
+        while control is None:
+            check(launcher.wait(0.05))
+            try:
+                control = CoordinatorClient(spec.coordinator, token, "driver", 0)
+            except CoordinatorError:
+                if time.monotonic() > deadline:
+                    raise JobFailed(f"the coordinator did not answer within {STARTUP_TIMEOUT_S}s")
+        control.register()
+        shards = None
+        while shards is None:
+            check(launcher.wait(0.0))
+            reply = control.call("shard_map", wait_s=0.5)
+            if reply["ready"]:
+                shards = reply["shards"]
+            elif time.monotonic() > deadline:
+                raise JobFailed(f"not every server registered within {STARTUP_TIMEOUT_S}s")
+        client = ParameterClient(shards, spec.bounds, token, transport=c.cluster.transport)
+        evaluator = Evaluator(model, ds.x_test, ds.y_test, client)
+
+        tensorboard = TensorBoardSink(c.tensorboard) if c.tensorboard is not None else None
+        # An observer's pull blocks until the first worker has initialized the shards:
+        # that instant, not process start-up, is when training starts.
+        evaluator.evaluate()
+        t_start = time.monotonic()
+        log.emit("train_start")
+        reason = None
+        next_eval = t_start
+        while reason is None:
+            check(launcher.wait(max(0.0, next_eval - time.monotonic())))
+            if len(finished) == c.cluster.workers:
+                reason = "every worker finished its epochs"
+                break
+            if time.monotonic() < next_eval:
+                continue
+            next_eval += c.train.eval_interval_s
+            result = evaluator.evaluate()
+            elapsed = time.monotonic() - t_start
+            log.emit("eval", elapsed_s=elapsed, **result)
+            workers = [m for m in control.call("status")["members"] if m["role"] == "worker"]
+            progress.update(elapsed, result, workers)
+            if tensorboard is not None:
+                losses = [w["stats"]["loss"] for w in workers if (w.get("stats") or {}).get("loss") is not None]
+                tensorboard.add(elapsed, result, sum(losses) / len(losses) if losses else None)
+            if c.train.duration_s is not None and elapsed >= c.train.duration_s:
+                reason = f"duration of {c.train.duration_s:g}s reached"
+            elif c.train.stop_at_target and result["accuracy"] >= c.train.target_accuracy:
+                reason = f"target accuracy {c.train.target_accuracy:g} reached"
+
+        log.emit("stopping", reason=reason)
+        control.call("stop", reason=reason)
+        workers = {("worker", w) for w in range(c.cluster.workers)}
+        check(launcher.wait_for(workers, STOP_TIMEOUT_S))
+        if workers & set(launcher.running()):
+            raise JobFailed(f"workers did not stop within {STOP_TIMEOUT_S}s of being asked")
+        result = evaluator.evaluate()
+        elapsed = time.monotonic() - t_start
+        log.emit("eval", elapsed_s=elapsed, final=True, **result)
+        progress.update(elapsed, result, [])
+        if tensorboard is not None:
+            tensorboard.add(elapsed, result, None)
+            tensorboard.close()
+        client.close()
+        shutting_down = True
+        control.call("shutdown", reason=reason)
+        control.close()
+        check(launcher.wait_for(set(launcher.running()), STOP_TIMEOUT_S))
+        return "completed"

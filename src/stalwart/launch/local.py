@@ -1,0 +1,90 @@
+"""Roles as local OS processes: the embedded default.
+
+Each role is ``python -m stalwart.launch.role ...`` in a session of its own (so a
+Ctrl-C reaches only the launcher, which then stops the job in order) with
+``PR_SET_PDEATHSIG`` set, so that no role outlives a launcher that is itself killed.
+Exits are watched through pidfds: the launcher sleeps in ``poll`` until a process
+really ends, rather than polling on a timer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .base import Exit, Launcher, RoleKey
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class LocalLauncher(Launcher):
+    def __init__(self, spec_path: Path, run_dir: Path, env: dict[str, str]):
+        self.spec_path, self.run_dir = spec_path, run_dir
+        self.env = {**os.environ, **env}
+        self.procs: dict[RoleKey, subprocess.Popen] = {}
+        self._pidfds: dict[int, RoleKey] = {}
+        self._poll = select.poll()
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+
+    def start(self, role: str, index: int, pass_fds: tuple[int, ...] = ()) -> int:
+        out = open(self.run_dir / "logs" / f"{role}-{index}.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stalwart.launch.role", role, str(index), str(self.spec_path)],
+            env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            pass_fds=pass_fds, start_new_session=True, preexec_fn=_die_with_parent)
+        out.close()
+        self.procs[(role, index)] = proc
+        fd = os.pidfd_open(proc.pid)
+        self._pidfds[fd] = (role, index)
+        self._poll.register(fd, select.POLLIN)
+        return proc.pid
+
+    def wait(self, timeout_s: float) -> list[Exit]:
+        exits = []
+        for fd, _ in self._poll.poll(max(0, int(timeout_s * 1000))):
+            key = self._pidfds.pop(fd)
+            self._poll.unregister(fd)
+            os.close(fd)
+            proc = self.procs.pop(key)
+            exits.append(Exit(key[0], key[1], proc.pid, proc.wait()))
+        return exits
+
+    def running(self) -> list[RoleKey]:
+        return list(self.procs)
+
+    def kill(self, role: str, index: int, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.get((role, index))
+        if proc is not None:
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    def wait_for(self, keys: set[RoleKey], timeout_s: float) -> list[Exit]:
+        """Wait until all of ``keys`` have exited or the timeout passes."""
+        deadline = time.monotonic() + timeout_s
+        exits: list[Exit] = []
+        while keys & set(self.procs) and (left := deadline - time.monotonic()) > 0:
+            exits += self.wait(left)
+        return exits
+
+    def shutdown(self, grace_s: float = 5.0) -> list[Exit]:
+        for key in list(self.procs):
+            self.kill(*key, sig=signal.SIGTERM)
+        exits = self.wait_for(set(self.procs), grace_s)
+        for key in list(self.procs):
+            self.kill(*key, sig=signal.SIGKILL)
+        return exits + self.wait_for(set(self.procs), 5.0)

@@ -1,0 +1,45 @@
+"""What every role process is told at start: the job's config and where things are.
+
+The spec is a JSON file in the run directory; the job token is not in it (it travels
+in the environment, ``STALWART_TOKEN``, so that it never lands on disk or in ``ps``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..config import JobConfig
+
+TOKEN_ENV = "STALWART_TOKEN"
+LISTEN_FD_ENV = "STALWART_LISTEN_FD"
+
+
+@dataclass
+class RoleSpec:
+    config: dict
+    run_dir: str
+    coordinator: str
+    bounds: list[int]
+    input_shape: list[int]
+    num_classes: int
+
+    @property
+    def job(self) -> JobConfig:
+        return JobConfig.validate_dict(self.config)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RoleSpec":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def token_from_env() -> bytes:
+    value = os.environ.get(TOKEN_ENV)
+    if not value:
+        raise SystemExit(f"{TOKEN_ENV} is not set: a role cannot join a job without its token")
+    return bytes.fromhex(value)

@@ -1,0 +1,38 @@
+"""Plots: test accuracy and loss against wall time, one or many runs on one figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def label_of(summary: dict) -> str:
+    return (f"{summary['sync']} w{summary['workers']} s{summary['servers']}"
+            f" ({Path(summary['run_dir']).name})")
+
+
+def plot_runs(summaries: list[dict], out: Path) -> Path:
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for s in summaries:
+        xs = [p["elapsed_s"] for p in s["curve"]]
+        label = label_of(s) if len(summaries) > 1 else None
+        ax_acc.plot(xs, [p["accuracy"] for p in s["curve"]], label=label)
+        ax_loss.plot(xs, [p["loss"] for p in s["curve"]], label=label)
+        if s.get("target_accuracy") is not None and len(summaries) == 1:
+            ax_acc.axhline(s["target_accuracy"], color="grey", ls=":", lw=1)
+    ax_acc.set(xlabel="wall time since training started (s)", ylabel="test accuracy", ylim=(0, 1))
+    ax_loss.set(xlabel="wall time since training started (s)", ylabel="test loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+    if len(summaries) > 1:
+        ax_acc.legend(fontsize=7)
+    else:
+        fig.suptitle(label_of(summaries[0]))
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

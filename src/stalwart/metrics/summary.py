@@ -1,0 +1,76 @@
+"""``summary.json``: what a run achieved, computed from its event logs alone.
+
+Because the summary is derived from the logs (never from a process's memory), a run
+that was interrupted or lost a process still gets one, and ``stalwart report`` can
+rebuild it at any time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .events import read_events
+
+
+def _curve(events: list[dict]) -> list[dict]:
+    return [{"elapsed_s": e["elapsed_s"], "accuracy": e["accuracy"], "loss": e["loss"],
+             "version": e["version"]} for e in events if e["event"] == "eval"]
+
+
+def summarize(run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    events = list(read_events(run_dir))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    by = lambda name: [e for e in events if e["event"] == name]  # noqa: E731
+    curve = _curve(events)
+    target = config["train"].get("target_accuracy")
+    start = by("job_start")
+    end = by("job_end")
+    servers = {e["index"]: e for e in by("server_stop")}
+    if not servers:  # a server that died has no stop event; take its last stats
+        servers = {e["index"]: e for e in by("server_stats")}
+    workers = by("worker_stop")
+    pushes = sum(s.get("pushes", 0) for s in servers.values())
+    staleness = sum(s.get("staleness_sum", 0) for s in servers.values())
+    return {
+        "run_dir": str(run_dir),
+        "workers": config["cluster"]["workers"],
+        "servers": config["cluster"]["servers"],
+        "sync": config["sync"]["policy"],
+        "dataset": config["data"]["dataset"],
+        "model": config["model"]["name"],
+        "optimizer": config["optimizer"]["name"],
+        "final_accuracy": curve[-1]["accuracy"] if curve else None,
+        "best_accuracy": max((p["accuracy"] for p in curve), default=None),
+        "final_loss": curve[-1]["loss"] if curve else None,
+        "target_accuracy": target,
+        "time_to_target_s": next((p["elapsed_s"] for p in curve if target is not None
+                                  and p["accuracy"] >= target), None),
+        "wall_s": (end[-1]["t"] - start[0]["t"]) if start and end else None,
+        "train_s": curve[-1]["elapsed_s"] if curve else None,
+        "updates_applied": min((s.get("version", 0) for s in servers.values()), default=0),
+        "updates_per_s": (min(s.get("version", 0) for s in servers.values()) / curve[-1]["elapsed_s"]
+                          if servers and curve and curve[-1]["elapsed_s"] > 0 else None),
+        "worker_iterations": sum(w.get("iterations", 0) for w in workers),
+        "bytes_pushed": sum(w.get("bytes_pushed", 0) for w in workers),
+        "bytes_pulled": sum(w.get("bytes_pulled", 0) for w in workers),
+        "mean_staleness": staleness / pushes if pushes else None,
+        "rejected_frames": sum(s.get("rejected", 0) for s in servers.values()),
+        "worker_compute_s": sum(w.get("compute_s", 0.0) for w in workers),
+        "worker_comm_s": sum(w.get("comm_s", 0.0) for w in workers),
+        "curve": curve,
+    }
+
+
+def write_summary(run_dir: str | Path, status: str = "completed", error: str | None = None) -> dict:
+    from .plots import plot_runs
+    run_dir = Path(run_dir)
+    summary = {"status": status, "error": error, **summarize(run_dir)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if summary["curve"]:
+        plot_runs([summary], run_dir / "accuracy.png")
+    return summary

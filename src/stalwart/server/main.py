@@ -1,0 +1,45 @@
+"""The server process: serve one shard until the coordinator says the job is over."""
+
+from __future__ import annotations
+
+import threading
+
+from ..control import CoordinatorClient
+from ..metrics import EventLog
+from ..sync import parse_policy
+from ..transport import get_transport
+from .optim import build_optimizer
+from .server import ParameterServer, serve_until
+
+
+def run_server(spec, index: int) -> int:
+    from ..launch.spec import token_from_env
+    job, token = spec.job, token_from_env()
+    log = EventLog.for_role(spec.run_dir, "server", index)
+    size = spec.bounds[index + 1] - spec.bounds[index]
+    o = job.optimizer
+    optimizer = build_optimizer(o.name, size, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                                weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
+    policy = parse_policy(job.sync.policy)(job.cluster.workers, size)
+    listener = get_transport(job.cluster.transport).listen(job.cluster.host, 0)
+    server = ParameterServer(listener, token, log, shard=index, size=size, optimizer=optimizer,
+                             policy=policy, workers=job.cluster.workers)
+    done = threading.Event()
+    control = CoordinatorClient(spec.coordinator, token, "server", index)
+
+    def on_state(state: str) -> None:
+        if state in ("stopping", "shutdown"):
+            server.stop_waiting()
+        if state == "shutdown":
+            done.set()
+
+    server.start()
+    control.register(address=server.address)
+    control.start_heartbeats(job.cluster.heartbeat_s, stats=server.snapshot_stats, on_state=on_state)
+    threading.Thread(target=lambda: control.lost.wait() and done.set(), daemon=True).start()
+    serve_until(server, done)
+    if control.lost.is_set() and control.state != "shutdown":
+        log.emit("coordinator_lost")
+    control.close()
+    log.close()
+    return 0

@@ -1,0 +1,59 @@
+"""Bulk synchronous parallel: one barrier per clock.
+
+The server sums the gradients of clock ``c`` from every active worker, applies their
+mean as one update, and only then lets any worker pull for clock ``c + 1``. A worker
+that leaves (finished, or lost) stops being waited for; if its absence completes the
+barrier, the mean of those who did push is applied.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import SyncError, SyncPolicy
+
+
+class BSP(SyncPolicy):
+    name = "bsp"
+
+    def __init__(self, workers: int, shard_size: int):
+        super().__init__(workers, shard_size)
+        self.clock = 0              # the clock whose barrier is being collected
+        self.done_clock = -1        # the last clock whose barrier completed
+        self.pushed: set[int] = set()
+        self._sum = np.zeros(shard_size, dtype=np.float32)
+
+    def on_push(self, worker: int, clock: int, grad: np.ndarray) -> np.ndarray | None:
+        if clock != self.clock:
+            raise SyncError(f"worker {worker} pushed clock {clock} while the barrier "
+                            f"collects clock {self.clock}")
+        if worker in self.pushed:
+            return None  # a resend of a push already counted
+        if not self.pushed:
+            np.copyto(self._sum, grad)
+        else:
+            self._sum += grad
+        self.pushed.add(worker)
+        self.clocks[worker] = clock
+        self.active.add(worker)
+        return self._complete_if_ready()
+
+    def _complete_if_ready(self) -> np.ndarray | None:
+        if not self.pushed or not self.active <= self.pushed:
+            return None
+        self._sum *= np.float32(1.0 / len(self.pushed))
+        self.done_clock = self.clock
+        self.clock += 1
+        self.pushed = set()
+        return self._sum
+
+    def may_proceed(self, worker: int, clock: int) -> bool:
+        return self.done_clock >= clock
+
+    def leave(self, worker: int) -> np.ndarray | None:
+        super().leave(worker)
+        # A gradient it already pushed for this clock still counts in the mean.
+        return self._complete_if_ready()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "clock": self.clock, "pushed": sorted(self.pushed)}

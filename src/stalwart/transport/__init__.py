@@ -1,0 +1,35 @@
+"""Transports: how frames move. Chosen by name from the configuration."""
+
+from .auth import AuthError, client_handshake, server_handshake
+from .base import Connection, ConnectionClosed, Listener, Transport, split_address
+from .frame import NO_WORKER, Flag, Frame, Kind, ProtocolError
+from .tcp import TcpTransport
+
+TRANSPORTS: dict[str, type[Transport]] = {"tcp": TcpTransport}
+
+
+def get_transport(name: str) -> Transport:
+    try:
+        return TRANSPORTS[name]()
+    except KeyError:
+        raise ValueError(f"unknown transport {name!r}; choose one of {sorted(TRANSPORTS)}") from None
+
+
+def dial(address: str, token: bytes, transport: str = "tcp", timeout: float = 5.0,
+         max_payload: int = 0) -> Connection:
+    """Connect and authenticate: the one way every client opens a connection."""
+    conn = get_transport(transport).connect(address, timeout=timeout)
+    try:
+        client_handshake(conn, token)
+    except BaseException:
+        conn.close()
+        raise
+    conn.max_payload = max_payload
+    return conn
+
+
+__all__ = [
+    "AuthError", "Connection", "ConnectionClosed", "Flag", "Frame", "Kind", "Listener",
+    "NO_WORKER", "ProtocolError", "TcpTransport", "Transport", "TRANSPORTS", "dial",
+    "get_transport", "server_handshake", "client_handshake", "split_address",
+]

@@ -1,0 +1,72 @@
+"""The transport interface: how frames move between two processes.
+
+In the spirit of ps-lite's ``Van``, a transport is small: ``listen`` and ``connect``
+produce :class:`Connection` objects, and a connection ``send``s and ``recv``s frames.
+Authentication (:mod:`stalwart.transport.auth`) and retransmission live above this
+layer, so every transport (TCP today; loss-tolerant UDP and shared memory later) gets
+them for free.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+from .frame import Frame
+
+# Given a received header, return a writable buffer of exactly ``payload_len`` bytes
+# to place the payload in (zero-copy), or None to have a fresh buffer allocated.
+PayloadSink = Callable[[Frame], "memoryview | None"]
+
+
+class ConnectionClosed(ConnectionError):
+    """The peer went away (cleanly or not)."""
+
+
+class Connection(ABC):
+    #: Largest payload this end accepts; raised after authentication by whoever owns it.
+    max_payload: int = 0
+    peer: str = "?"
+
+    @abstractmethod
+    def send(self, frame: Frame, payload: memoryview | bytes | None = None) -> None:
+        """Send one frame; the payload is read from the caller's buffer, not copied."""
+
+    @abstractmethod
+    def recv(self, sink: PayloadSink | None = None) -> Frame:
+        """Receive one frame; raises ProtocolError on malformed input, ConnectionClosed on EOF."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def settimeout(self, seconds: float | None) -> None: ...
+
+
+class Listener(ABC):
+    address: str
+
+    @abstractmethod
+    def accept(self) -> Connection:
+        """Next incoming connection, not yet authenticated."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class Transport(ABC):
+    name: str
+
+    @abstractmethod
+    def listen(self, host: str, port: int = 0) -> Listener: ...
+
+    @abstractmethod
+    def connect(self, address: str, timeout: float = 5.0) -> Connection:
+        """A connection to ``host:port``, not yet authenticated."""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address {address!r} is not of the form host:port")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,117 @@
+"""TCP: the reliable transport every job can fall back on."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from .base import Connection, ConnectionClosed, Listener, PayloadSink, Transport, split_address
+from .frame import HEADER_SIZE, Frame, ProtocolError, decode_header, decode_meta, encode_header
+
+
+class TcpConnection(Connection):
+    def __init__(self, sock: socket.socket, max_payload: int = 0):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.max_payload = max_payload
+        self._send_lock = threading.Lock()
+        self._header = bytearray(HEADER_SIZE)
+        try:
+            host, port = sock.getpeername()[:2]
+            self.peer = f"{host}:{port}"
+        except OSError:
+            self.peer = "?"
+
+    def settimeout(self, seconds: float | None) -> None:
+        self.sock.settimeout(seconds)
+
+    def send(self, frame: Frame, payload: memoryview | bytes | None = None) -> None:
+        body = memoryview(payload).cast("B") if payload is not None else memoryview(b"")
+        buffers = [memoryview(encode_header(frame, body.nbytes)), body]
+        with self._send_lock:
+            try:
+                while buffers:
+                    sent = self.sock.sendmsg(buffers)
+                    while buffers and sent >= buffers[0].nbytes:
+                        sent -= buffers[0].nbytes
+                        buffers.pop(0)
+                    if buffers and sent:
+                        buffers[0] = buffers[0][sent:]
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise ConnectionClosed(f"{self.peer}: {exc}") from None
+
+    def _recv_exact(self, view: memoryview) -> None:
+        got, total = 0, view.nbytes
+        while got < total:
+            try:
+                n = self.sock.recv_into(view[got:])
+            except ConnectionResetError as exc:
+                raise ConnectionClosed(f"{self.peer}: {exc}") from None
+            if n == 0:
+                if got == 0 and view.obj is self._header:
+                    raise ConnectionClosed(f"{self.peer} closed the connection")
+                raise ConnectionClosed(f"{self.peer} closed the connection mid-frame")
+            got += n
+
+    def recv(self, sink: PayloadSink | None = None) -> Frame:
+        header = memoryview(self._header)
+        self._recv_exact(header)
+        frame, meta_len = decode_header(header, self.max_payload)
+        if meta_len:
+            raw = bytearray(meta_len)
+            self._recv_exact(memoryview(raw))
+            frame.meta = decode_meta(raw)
+        if frame.payload_len:
+            target = sink(frame) if sink is not None else None
+            if target is None:
+                target = memoryview(bytearray(frame.payload_len))
+            elif target.nbytes != frame.payload_len:
+                # Drain so the stream stays in step, then refuse.
+                self._recv_exact(memoryview(bytearray(frame.payload_len)))
+                raise ProtocolError(f"{frame.kind.name} payload of {frame.payload_len} bytes "
+                                    f"does not match the expected {target.nbytes}")
+            self._recv_exact(target)
+            frame.payload = target
+        return frame
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class TcpListener(Listener):
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        host, port = sock.getsockname()[:2]
+        self.address = f"{host}:{port}"
+
+    def accept(self) -> TcpConnection:
+        sock, _ = self.sock.accept()
+        return TcpConnection(sock)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class TcpTransport(Transport):
+    name = "tcp"
+
+    def listen(self, host: str, port: int = 0) -> TcpListener:
+        sock = socket.create_server((host, port), backlog=128, reuse_port=False)
+        return TcpListener(sock)
+
+    def listen_fd(self, fd: int) -> TcpListener:
+        """Adopt a listening socket handed down by the launcher (no port race)."""
+        return TcpListener(socket.socket(fileno=fd))
+
+    def connect(self, address: str, timeout: float = 5.0) -> TcpConnection:
+        sock = socket.create_connection(split_address(address), timeout=timeout)
+        sock.settimeout(None)
+        return TcpConnection(sock)

@@ -1,0 +1,84 @@
+"""The worker process: train on its own shard of the data until the job stops."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+import torch
+
+from ..control import CoordinatorClient
+from ..data import load_dataset, shard_indices
+from ..metrics import EventLog
+from ..models import build_model
+from .client import JobStopping, ParameterClient
+from .optimizer import ParameterServerOptimizer
+
+
+def run_worker(spec, index: int) -> int:
+    from ..launch.spec import token_from_env
+    job, token = spec.job, token_from_env()
+    torch.set_num_threads(1)  # N workers share the cores; one thread each avoids thrashing
+    log = EventLog.for_role(spec.run_dir, "worker", index)
+    d, t = job.data, job.train
+    ds = load_dataset(d.dataset, seed=t.seed, samples=d.samples, features=d.features, data_dir=d.data_dir)
+    mine = shard_indices(len(ds.y_train), job.cluster.workers, index, t.seed)
+    x, y = torch.from_numpy(ds.x_train[mine]), torch.from_numpy(ds.y_train[mine])
+    model = build_model(job.model.name, ds.input_shape, ds.num_classes, seed=t.seed, hidden=job.model.hidden)
+    batch = min(d.batch_size, len(y))
+    per_epoch = len(y) // batch
+    limit = math.ceil(t.epochs * per_epoch) if t.epochs is not None else None
+
+    stopping = threading.Event()
+    progress = {"clock": 0, "loss": None}
+    control = CoordinatorClient(spec.coordinator, token, "worker", index)
+    control.register()
+    control.start_heartbeats(job.cluster.heartbeat_s, stats=lambda: dict(progress),
+                             on_state=lambda state: state != "running" and stopping.set())
+    client = ParameterClient(control.shard_map(), spec.bounds, token, worker=index,
+                             transport=job.cluster.transport)
+    opt = ParameterServerOptimizer(model, client=client)
+    log.emit("worker_start", examples=len(y), batch=batch, iterations_per_epoch=per_epoch, limit=limit)
+
+    rng = np.random.default_rng([t.seed, index])
+    loss_fn = torch.nn.CrossEntropyLoss()
+    compute_s = comm_s = 0.0
+    window: list[float] = []
+    reason = "finished"
+    order = rng.permutation(len(y))
+    try:
+        while limit is None or opt.clock < limit:
+            if stopping.is_set():
+                reason = "job stopping"
+                break
+            pos = (opt.clock % per_epoch) * batch
+            if pos == 0 and opt.clock:
+                order = rng.permutation(len(y))
+            take = order[pos:pos + batch]
+            t0 = time.perf_counter()
+            model.train()
+            opt.zero_grad()
+            loss = loss_fn(model(x[take]), y[take])
+            loss.backward()
+            t1 = time.perf_counter()
+            opt.step()
+            t2 = time.perf_counter()
+            compute_s += t1 - t0
+            comm_s += t2 - t1
+            window.append(loss.item())
+            progress.update(clock=opt.clock, loss=window[-1])
+            if len(window) >= t.log_every:
+                log.emit("train", clock=opt.clock, version=opt.version, loss=float(np.mean(window)),
+                         epoch=opt.clock / per_epoch, compute_s=compute_s, comm_s=comm_s)
+                window.clear()
+    except JobStopping:
+        reason = "job stopping"
+    finally:
+        log.emit("worker_stop", reason=reason, iterations=opt.clock, compute_s=compute_s, comm_s=comm_s,
+                 bytes_pushed=client.bytes_pushed, bytes_pulled=client.bytes_pulled)
+        opt.close()
+        control.close()
+        log.close()
+    return 0
