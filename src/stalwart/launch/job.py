@@ -11,14 +11,11 @@ that names it. Whatever happens, the run directory ends with ``summary.json``.
 from __future__ import annotations
 
 import json
-import secrets
-import socket
 import time
 from datetime import datetime
 from pathlib import Path
 
 from ..config import JobConfig
-from ..control import CoordinatorClient, CoordinatorError
 from ..data import load_dataset
 from ..layout import ParameterLayout
 from ..metrics import EventLog
@@ -27,10 +24,8 @@ from ..metrics.summary import write_summary
 from ..metrics.tensorboard import TensorBoardSink
 from ..models import build_model
 from .base import Exit
-from .local import LocalLauncher
-from .spec import LISTEN_FD_ENV, TOKEN_ENV, RoleSpec
+from .cluster import Cluster, ClusterError
 
-STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 
 
@@ -73,30 +68,17 @@ class Job:
         (run_dir / "layout.json").write_text(json.dumps(
             {"total": layout.total, "bounds": bounds, "entries": layout.to_json()}, indent=1))
 
-        token = secrets.token_bytes(32)
-        listen = socket.create_server((c.cluster.host, 0))
-        host, port = listen.getsockname()[:2]
-        spec = RoleSpec(config=c.model_dump(mode="json"), run_dir=str(run_dir.resolve()),
-                        coordinator=f"{host}:{port}", bounds=bounds,
-                        input_shape=list(ds.input_shape), num_classes=ds.num_classes)
-        spec_path = run_dir / "spec.json"
-        spec.save(spec_path)
-        launcher = LocalLauncher(spec_path, run_dir,
-                                 {TOKEN_ENV: token.hex(), LISTEN_FD_ENV: str(listen.fileno())})
+        cluster = Cluster.start(c, run_dir, bounds, ds.input_shape, ds.num_classes)
+        launcher = cluster.launcher
         progress = Progress(enabled=c.progress, target=c.train.target_accuracy)
         status, error = "completed", None
         try:
-            listen.set_inheritable(True)
-            launcher.start("coordinator", 0, pass_fds=(listen.fileno(),))
-            listen.close()
-            for s in range(c.cluster.servers):
-                launcher.start("server", s)
             for w in range(c.cluster.workers):
                 launcher.start("worker", w)
             log.emit("launched", servers=c.cluster.servers, workers=c.cluster.workers,
                      parameters=layout.total, bounds=bounds)
             with progress:
-                status = self._drive(launcher, spec, token, model, ds, log, progress)
+                status = self._drive(cluster, model, ds, log, progress)
         except KeyboardInterrupt:
             status, error = "interrupted", "interrupted by the user (Ctrl-C)"
         except JobFailed as exc:
@@ -114,8 +96,7 @@ class Job:
         return self.summary
 
     # --- the driver loop -----------------------------------------------------------
-    def _drive(self, launcher: LocalLauncher, spec: RoleSpec, token: bytes, model, ds,
-               log: EventLog, progress: Progress) -> str:
+    def _drive(self, cluster: Cluster, model, ds, log: EventLog, progress: Progress) -> str:
         from ..worker.client import ParameterClient
         from ..worker.evaluator import Evaluator
         c = self.config
@@ -131,31 +112,20 @@ class Job:
 
         finished: set[int] = set()
         shutting_down = False
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        control = None
-        while control is None:
-            check(launcher.wait(0.05))
-            try:
-                control = CoordinatorClient(spec.coordinator, token, "driver", 0)
-            except CoordinatorError:
-                if time.monotonic() > deadline:
-                    raise JobFailed(f"the coordinator did not answer within {STARTUP_TIMEOUT_S}s")
-        control.register()
-        shards = None
-        while shards is None:
-            check(launcher.wait(0.0))
-            reply = control.call("shard_map", wait_s=0.5)
-            if reply["ready"]:
-                shards = reply["shards"]
-            elif time.monotonic() > deadline:
-                raise JobFailed(f"not every server registered within {STARTUP_TIMEOUT_S}s")
+        launcher, spec, token = cluster.launcher, cluster.spec, cluster.token
+        try:
+            control, shards = cluster.connect("driver", check)
+        except ClusterError as exc:
+            raise JobFailed(str(exc)) from None
         client = ParameterClient(shards, spec.bounds, token, transport=c.cluster.transport)
         evaluator = Evaluator(model, ds.x_test, ds.y_test, client)
 
         tensorboard = TensorBoardSink(c.tensorboard) if c.tensorboard is not None else None
-        # An observer's pull blocks until the first worker has initialized the shards:
-        # that instant, not process start-up, is when training starts.
-        evaluator.evaluate()
+        # Training starts when the first worker has initialized every shard, not at
+        # process start-up; wait for that on the control plane, watching for crashes.
+        while not all((m["stats"] or {}).get("initialized") for m in control.call("status")["members"]
+                      if m["role"] == "server"):
+            check(launcher.wait(0.05))
         t_start = time.monotonic()
         log.emit("train_start")
         reason = None

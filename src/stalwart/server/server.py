@@ -223,7 +223,7 @@ class ParameterServer(FrameService):
     def snapshot_stats(self) -> dict:
         with self._state:
             pushes = self.stats["pushes"]
-            return {"version": self.version, **self.stats,
+            return {"version": self.version, "initialized": self.initialized, **self.stats,
                     "staleness_mean": self.stats["staleness_sum"] / pushes if pushes else 0.0}
 
 

@@ -1,6 +1,5 @@
-"""The worker role and the client side of the data plane."""
+"""The worker role and the client side of the data plane.
 
-from .client import JobStopping, ParameterClient, ServerError
-from .optimizer import ParameterServerOptimizer
-
-__all__ = ["JobStopping", "ParameterClient", "ParameterServerOptimizer", "ServerError"]
+Import from the submodules: ``client`` needs only NumPy, ``optimizer`` and ``main``
+need torch, and benchmark clients should not pay for torch.
+"""

@@ -1,0 +1,136 @@
+"""``stalwart bench pushpull``: how fast parameters move, next to how fast the machine can.
+
+For each (model size, workers, servers) it starts the real coordinator and server
+processes of a job (ASP, plain SGD), then W client processes that each push a full
+gradient and pull the full parameters in a loop for a fixed time. MB/s counts the
+parameter bytes moved in both directions by all workers. In the same run it measures
+raw loopback TCP (one sender process, one receiver process, large ``sendall`` /
+``recv_into``) and reports the ratio to it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import re
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..config import JobConfig
+from ..layout import ParameterLayout
+from ..launch.cluster import Cluster
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*$")
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"size {text!r} is not a number with an optional k/M/G suffix")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+# --- raw loopback TCP -----------------------------------------------------------------
+
+def _sink(sock: socket.socket, chunk: int, ready) -> None:
+    conn, _ = sock.accept()
+    buf = memoryview(bytearray(chunk))
+    ready.set()
+    while conn.recv_into(buf):
+        pass
+
+
+def raw_tcp_mb_per_s(seconds: float, chunk: int = 16 << 20) -> float:
+    """One stream over loopback, one process at each end: the ceiling for one TCP flow."""
+    ctx = mp.get_context("fork")
+    listener = socket.create_server(("127.0.0.1", 0))
+    ready = ctx.Event()
+    proc = ctx.Process(target=_sink, args=(listener, chunk, ready), daemon=True)
+    proc.start()
+    out = socket.create_connection(listener.getsockname())
+    ready.wait(10)
+    data = memoryview(bytearray(chunk))
+    sent, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        out.sendall(data)
+        sent += chunk
+    out.close()
+    proc.join(10)
+    listener.close()
+    return sent / elapsed / 1e6
+
+
+# --- push+pull clients ------------------------------------------------------------------
+
+def _client(shards, bounds, token, worker, seconds, ready, go, results) -> None:
+    from ..worker.client import ParameterClient
+    client = ParameterClient(shards, bounds, token, worker=worker)
+    params = np.zeros(bounds[-1], dtype=np.float32)
+    grad = np.full(bounds[-1], 1e-3, dtype=np.float32)
+    client.init(params)
+    client.pull(params, wait=False)
+    ready.put(worker)
+    go.wait(120)
+    rounds, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        client.push_pull(grad, params, clock=rounds)
+        rounds += 1
+    results.put((worker, rounds, elapsed, client.bytes_pushed + client.bytes_pulled - 2 * params.nbytes))
+    client.leave()
+    client.close()
+
+
+def measure(params: int, workers: int, servers: int, transport: str, seconds: float) -> dict:
+    config = JobConfig.validate_dict({
+        "cluster": {"workers": workers, "servers": servers, "transport": transport},
+        "sync": {"policy": "asp"}, "optimizer": {"name": "sgd", "lr": 1e-6, "momentum": 0.0},
+        "progress": False})
+    bounds = ParameterLayout([("weight", (params,))]).shard_bounds(servers)
+    with tempfile.TemporaryDirectory(prefix="stalwart-bench-") as run_dir:
+        cluster = Cluster.start(config, Path(run_dir), bounds)
+        control = None
+        try:
+            control, shards = cluster.connect("bench")
+            ctx = mp.get_context("spawn")
+            ready, go, results = ctx.Queue(), ctx.Event(), ctx.Queue()
+            procs = [ctx.Process(target=_client, args=(shards, bounds, cluster.token, w, seconds,
+                                                       ready, go, results)) for w in range(workers)]
+            for p in procs:
+                p.start()
+            # Every client has connected, initialized and pulled once before the clock starts.
+            for _ in procs:
+                ready.get(timeout=120)
+            go.set()
+            rows = [results.get(timeout=seconds + 120) for _ in procs]
+            for p in procs:
+                p.join(30)
+        finally:
+            cluster.stop(control)
+    rounds = sum(r[1] for r in rows)
+    elapsed = max(r[2] for r in rows)
+    moved = sum(r[3] for r in rows)
+    return {"params": params, "workers": workers, "servers": servers, "transport": transport,
+            "round_trips": rounds, "seconds": elapsed,
+            "ms_per_round": 1000 * elapsed * workers / rounds if rounds else None,
+            "mb_per_s": moved / elapsed / 1e6}
+
+
+def run_pushpull(sizes: list[int], workers: list[int], servers: list[int], transport: str = "tcp",
+                 seconds: float = 3.0, progress: bool = True) -> dict:
+    limit = raw_tcp_mb_per_s(seconds)
+    rows = []
+    for size in sizes:
+        for s in servers:
+            for w in workers:
+                row = measure(size, w, s, transport, seconds)
+                row["limit_mb_per_s"] = limit
+                row["ratio_to_limit"] = row["mb_per_s"] / limit
+                rows.append(row)
+                if progress:
+                    print(f"  {size:>11,} params  {w} workers  {s} servers: "
+                          f"{row['mb_per_s']:8.0f} MB/s ({row['ratio_to_limit']:.2f} of raw TCP)", flush=True)
+    return {"limit": "raw loopback TCP, one stream", "limit_mb_per_s": limit, "rows": rows}

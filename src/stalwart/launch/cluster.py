@@ -1,0 +1,92 @@
+"""Start a job's coordinator and servers as processes, and connect to them.
+
+Shared by :class:`~stalwart.launch.job.Job` (which adds workers), the benchmarks and
+the tests, so that each of them runs the very processes a real job runs.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..config import JobConfig
+from ..control import CoordinatorClient, CoordinatorError
+from .base import Exit
+from .local import LocalLauncher
+from .spec import LISTEN_FD_ENV, TOKEN_ENV, RoleSpec
+
+
+class ClusterError(RuntimeError):
+    """A role failed while the cluster was starting or running."""
+
+
+@dataclass
+class Cluster:
+    launcher: LocalLauncher
+    spec: RoleSpec
+    token: bytes
+
+    @classmethod
+    def start(cls, config: JobConfig, run_dir: Path, bounds: list[int],
+              input_shape: tuple[int, ...] = (1,), num_classes: int = 10) -> "Cluster":
+        """Coordinator first (on a socket bound here, so its address is known), then servers."""
+        token = secrets.token_bytes(32)
+        listen = socket.create_server((config.cluster.host, 0))
+        host, port = listen.getsockname()[:2]
+        spec = RoleSpec(config=config.model_dump(mode="json"), run_dir=str(Path(run_dir).resolve()),
+                        coordinator=f"{host}:{port}", bounds=list(bounds),
+                        input_shape=list(input_shape), num_classes=num_classes)
+        spec_path = Path(run_dir) / "spec.json"
+        spec.save(spec_path)
+        launcher = LocalLauncher(spec_path, Path(run_dir),
+                                 {TOKEN_ENV: token.hex(), LISTEN_FD_ENV: str(listen.fileno())})
+        try:
+            listen.set_inheritable(True)
+            launcher.start("coordinator", 0, pass_fds=(listen.fileno(),))
+        finally:
+            listen.close()
+        for s in range(config.cluster.servers):
+            launcher.start("server", s)
+        return cls(launcher, spec, token)
+
+    def connect(self, role: str, check: Callable[[list[Exit]], None] | None = None,
+                timeout_s: float = 120.0) -> tuple[CoordinatorClient, list[str]]:
+        """Register with the coordinator as ``role`` and wait for the complete shard map,
+        failing fast if a role process dies meanwhile."""
+        check = check or self.fail_on_exit
+        deadline = time.monotonic() + timeout_s
+        control = None
+        while control is None:
+            check(self.launcher.wait(0.05))
+            try:
+                control = CoordinatorClient(self.spec.coordinator, self.token, role, 0)
+            except CoordinatorError:
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"the coordinator did not answer within {timeout_s}s") from None
+        control.register()
+        while True:
+            check(self.launcher.wait(0.0))
+            reply = control.call("shard_map", wait_s=0.5)
+            if reply["ready"]:
+                return control, reply["shards"]
+            if time.monotonic() > deadline:
+                raise ClusterError(f"not every server registered within {timeout_s}s")
+
+    @staticmethod
+    def fail_on_exit(exits: list[Exit]) -> None:
+        for e in exits:
+            raise ClusterError(e.describe())
+
+    def stop(self, control: CoordinatorClient | None = None) -> list[Exit]:
+        if control is not None:
+            try:
+                control.call("shutdown", reason="done")
+            except CoordinatorError:
+                pass
+            control.close()
+            self.launcher.wait_for(set(self.launcher.running()), 10.0)
+        return self.launcher.shutdown(grace_s=5.0)
