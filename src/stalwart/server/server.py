@@ -168,7 +168,7 @@ class ParameterServer(FrameService):
     def _apply(self, update: np.ndarray) -> None:
         """Caller holds ``_state``."""
         with self._rw.write():
-            self.optimizer.step(self.params, update)
+            self.optimizer.step(self.params, update, lr_scale=self.policy.lr_scale())
             self.version += 1
         self._state.notify_all()
 

@@ -40,6 +40,15 @@ class SyncPolicy(ABC):
     def may_proceed(self, worker: int, clock: int) -> bool:
         """May ``worker``, having pushed ``clock``, pull and begin ``clock + 1``?"""
 
+    def lr_scale(self) -> float:
+        """Scale of the learning rate for the update just returned by ``on_push``.
+
+        One configured learning rate must mean the same thing under every policy: BSP
+        applies the mean of N gradients per update, so a policy that applies single
+        gradients scales its step by 1/N to move the model as far per N pushes.
+        """
+        return 1.0
+
     def leave(self, worker: int) -> np.ndarray | None:
         """``worker`` left the job; return an update that its absence completes, if any."""
         self.active.discard(worker)

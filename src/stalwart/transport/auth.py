@@ -47,10 +47,7 @@ def server_handshake(conn: Connection, token: bytes) -> None:
     client_nonce = _expect(reply, Kind.AUTH, "nonce")
     mac = _expect(reply, Kind.AUTH, "mac")
     if not hmac.compare_digest(mac, _mac(token, b"client", server_nonce, client_nonce)):
-        try:
-            conn.send(Frame(Kind.ERROR, meta={"reason": "authentication failed: wrong job token"}))
-        finally:
-            raise AuthError(f"client {conn.peer} sent a wrong HMAC (wrong job token)")
+        raise AuthError(f"authentication failed: client {conn.peer} sent a wrong HMAC (wrong job token)")
     conn.send(Frame(Kind.AUTH_OK, meta={"mac": _mac(token, b"server", client_nonce, server_nonce)}))
     conn.settimeout(None)
 

@@ -69,11 +69,17 @@ class Frame:
 
 def encode_header(frame: Frame, payload_len: int) -> bytes:
     """Fixed header plus packed meta, ready to be sent before the payload."""
-    meta = b"" if frame.meta is None else msgpack.packb(frame.meta, use_bin_type=True)
+    try:
+        meta = b"" if frame.meta is None else msgpack.packb(frame.meta, use_bin_type=True)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"meta cannot be encoded: {exc}") from None
     if len(meta) > MAX_META:
         raise ProtocolError(f"meta of {len(meta)} bytes exceeds the {MAX_META}-byte limit")
-    head = HEADER.pack(MAGIC, WIRE_VERSION, int(frame.kind), int(frame.flags), frame.shard,
-                       frame.worker, frame.seq, frame.clock, len(meta), payload_len)
+    try:
+        head = HEADER.pack(MAGIC, WIRE_VERSION, int(frame.kind), int(frame.flags), frame.shard,
+                           frame.worker, frame.seq, frame.clock, len(meta), payload_len)
+    except struct.error as exc:
+        raise ProtocolError(f"header field out of range: {exc}") from None
     return head + meta
 
 

@@ -1,0 +1,49 @@
+"""The server optimizers against torch.optim on the same gradients."""
+
+import numpy as np
+import pytest
+import torch
+
+from stalwart.server.optim import build_optimizer
+
+
+@pytest.mark.parametrize("name, hyper", [
+    ("sgd", {"lr": 0.1}),
+    ("sgd", {"lr": 0.05, "momentum": 0.9}),
+    ("sgd", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}),
+    ("adam", {"lr": 1e-3}),
+    ("adam", {"lr": 3e-3, "betas": (0.8, 0.99), "weight_decay": 1e-2, "eps": 1e-6}),
+])
+def test_matches_torch(name, hyper):
+    rng = np.random.default_rng(0)
+    size = 1000
+    start = rng.standard_normal(size).astype(np.float32)
+    ours = start.copy()
+    opt = build_optimizer(name, size, **hyper)
+    ref = torch.nn.Parameter(torch.from_numpy(start.copy()))
+    ref_opt = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[name]([ref], **hyper)
+    for _ in range(20):
+        grad = rng.standard_normal(size).astype(np.float32)
+        kept = grad.copy()
+        opt.step(ours, grad)
+        assert np.array_equal(grad, kept)  # the gradient is not modified
+        ref.grad = torch.from_numpy(grad.copy())
+        ref_opt.step()
+    np.testing.assert_allclose(ours, ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_state_round_trips():
+    opt = build_optimizer("adam", 10, lr=0.1)
+    params = np.ones(10, dtype=np.float32)
+    opt.step(params, np.ones(10, dtype=np.float32))
+    other = build_optimizer("adam", 10, lr=0.1)
+    other.load_state_dict(opt.state_dict())
+    a, b = params.copy(), params.copy()
+    opt.step(a, np.full(10, 0.5, dtype=np.float32))
+    other.step(b, np.full(10, 0.5, dtype=np.float32))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_unknown_optimizer_is_named():
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
+        build_optimizer("lamb", 10, lr=0.1)

@@ -1,0 +1,51 @@
+"""Real jobs: coordinator, servers and workers as processes, training a real model."""
+
+import json
+
+import pytest
+
+from stalwart.config import JobConfig
+from stalwart.launch import Job
+
+pytestmark = pytest.mark.integration
+
+
+def small_job(run_root, sync, **extra):
+    return JobConfig.validate_dict({
+        "cluster": {"workers": 2, "servers": 2}, "sync": {"policy": sync},
+        "data": {"dataset": "mnist1d", "samples": 4000},
+        "train": {"duration_s": 6, "target_accuracy": 0.5, "eval_interval_s": 0.5},
+        "out": str(run_root), "progress": False, **extra})
+
+
+@pytest.mark.parametrize("sync", ["bsp", "asp"])
+def test_short_run_learns(run_root, sync, tmp_path):
+    summary = Job(small_job(run_root, sync, tensorboard=str(tmp_path / "tb"))).run()
+    assert summary["status"] == "completed"
+    assert summary["final_accuracy"] > 0.5, summary  # chance is 0.1
+    assert summary["time_to_target_s"] is not None
+    assert summary["updates_applied"] > 50
+    assert summary["bytes_pushed"] > 0 and summary["bytes_pulled"] > 0
+    if sync == "bsp":
+        assert summary["mean_staleness"] == 0  # every push is against the current version
+        assert summary["updates_applied"] * 2 >= summary["worker_iterations"] - 2
+    else:
+        assert summary["updates_applied"] >= summary["worker_iterations"] - 2  # one update per push
+    run_dir = run_root / next(p.name for p in run_root.iterdir())
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["final_accuracy"] == summary["final_accuracy"]
+    assert (run_dir / "accuracy.png").stat().st_size > 10_000
+    assert {p.name for p in (run_dir / "events").iterdir()} >= {
+        "driver-0.jsonl", "coordinator-0.jsonl", "server-0.jsonl", "server-1.jsonl",
+        "worker-0.jsonl", "worker-1.jsonl"}
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_epochs_end_the_job(run_root):
+    config = small_job(run_root, "bsp")
+    config.train.duration_s = None
+    config.train.epochs = 1
+    summary = Job(config).run()
+    # 4000 examples, 80% train, 2 workers, batch 32: 50 iterations each
+    assert summary["worker_iterations"] == 2 * (1600 // 32)
+    assert summary["updates_applied"] == 1600 // 32
