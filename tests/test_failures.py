@@ -27,12 +27,21 @@ def training(run_dir):
     return len(events(run_dir, "train")) >= 3 and len(job_pids(run_dir)) >= 6
 
 
-def test_killed_worker_stops_the_job_cleanly(run_root):
+def training_job(run_root):
+    """A CLI job that is training, with the pid of each of its roles."""
     proc = start_cli(run_root)
     run_dir = run_root / "run"
     try:
         wait_until(lambda: (run_dir / "events").exists() and training(run_dir), 90, "training to start")
-        pids = job_pids(run_dir)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, run_dir, job_pids(run_dir)
+
+
+def test_killed_worker_stops_the_job_cleanly(run_root):
+    proc, run_dir, pids = training_job(run_root)
+    try:
         os.kill(pids[("worker", 1)], signal.SIGKILL)
         _, stderr = proc.communicate(timeout=60)
     finally:
@@ -46,11 +55,8 @@ def test_killed_worker_stops_the_job_cleanly(run_root):
 
 
 def test_ctrl_c_stops_everything(run_root):
-    proc = start_cli(run_root)
-    run_dir = run_root / "run"
+    proc, run_dir, pids = training_job(run_root)
     try:
-        wait_until(lambda: (run_dir / "events").exists() and training(run_dir), 90, "training to start")
-        pids = job_pids(run_dir)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
     finally:

@@ -13,6 +13,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+def _one_of(value: str, known, what: str) -> str:
+    if value not in known:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {sorted(known)}")
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -38,9 +44,7 @@ class ClusterConfig(_Section):
     @classmethod
     def _known_transport(cls, value: str) -> str:
         from .transport import TRANSPORTS
-        if value not in TRANSPORTS:
-            raise ValueError(f"unknown transport {value!r}; choose one of {sorted(TRANSPORTS)}")
-        return value
+        return _one_of(value, TRANSPORTS, "transport")
 
 
 class DataConfig(_Section):
@@ -55,9 +59,7 @@ class DataConfig(_Section):
     @classmethod
     def _known_dataset(cls, value: str) -> str:
         from .data.datasets import DATASETS
-        if value not in DATASETS:
-            raise ValueError(f"unknown dataset {value!r}; choose one of {sorted(DATASETS)}")
-        return value
+        return _one_of(value, DATASETS, "dataset")
 
 
 class ModelConfig(_Section):
@@ -69,10 +71,8 @@ class ModelConfig(_Section):
     @classmethod
     def _known_model(cls, value: str) -> str:
         from .models import BUILTIN
-        if value not in BUILTIN and ":" not in value:
-            raise ValueError(f"unknown model {value!r}; choose one of {sorted(BUILTIN)} "
-                             f"or give a factory as 'package.module:function'")
-        return value
+        # A user factory "package.module:function" is checked when it is imported.
+        return value if ":" in value else _one_of(value, BUILTIN, "model")
 
 
 class OptimizerConfig(_Section):

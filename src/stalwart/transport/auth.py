@@ -40,6 +40,18 @@ def _expect(frame: Frame, kind: Kind, field: str) -> bytes:
 
 
 def server_handshake(conn: Connection, token: bytes) -> None:
+    """Authenticate a client; on failure tell it why (an ERROR frame) and raise."""
+    try:
+        _authenticate_client(conn, token)
+    except ProtocolError as exc:
+        try:
+            conn.send(Frame(Kind.ERROR, meta={"reason": f"handshake: {exc}"}))
+        except (ConnectionError, OSError):
+            pass
+        raise
+
+
+def _authenticate_client(conn: Connection, token: bytes) -> None:
     conn.settimeout(HANDSHAKE_TIMEOUT_S)
     server_nonce = secrets.token_bytes(NONCE_BYTES)
     conn.send(Frame(Kind.CHALLENGE, meta={"nonce": server_nonce}))

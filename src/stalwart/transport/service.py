@@ -71,10 +71,6 @@ class FrameService:
             server_handshake(conn, self.token)
         except (AuthError, ProtocolError, ConnectionError, socket.timeout, OSError) as exc:
             self.log.emit("rejected", peer=conn.peer, reason=f"handshake: {exc}")
-            try:  # tell the peer why, so that a misconfigured client is not left guessing
-                conn.send(Frame(Kind.ERROR, meta={"reason": f"handshake: {exc}"}))
-            except (ConnectionError, OSError):
-                pass
             conn.close()
             return
         conn.max_payload = self.max_payload

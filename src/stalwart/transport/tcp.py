@@ -9,6 +9,15 @@ from .base import Connection, ConnectionClosed, Listener, PayloadSink, Transport
 from .frame import HEADER_SIZE, Frame, ProtocolError, decode_header, decode_meta, encode_header
 
 
+def _close(sock: socket.socket) -> None:
+    """Shut down before closing, so that a thread blocked on the socket wakes up."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
 class TcpConnection(Connection):
     def __init__(self, sock: socket.socket, max_payload: int = 0):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -75,11 +84,7 @@ class TcpConnection(Connection):
         return frame
 
     def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        _close(self.sock)
 
 
 class TcpListener(Listener):
@@ -93,11 +98,7 @@ class TcpListener(Listener):
         return TcpConnection(sock)
 
     def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        _close(self.sock)
 
 
 class TcpTransport(Transport):
