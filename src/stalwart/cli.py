@@ -87,7 +87,8 @@ def train(
 def _print_table(summaries: list[dict]) -> None:
     table = Table(title="runs")
     cols = ("run", "sync", "w/s", "final acc", "best acc", "time to target", "wall s", "updates", "MB pushed")
-    for col in cols:
+    table.add_column(cols[0], no_wrap=True)
+    for col in cols[1:]:
         table.add_column(col, justify="right")
     for s in summaries:
         ttt = s.get("time_to_target_s")
