@@ -86,10 +86,10 @@ def train(
 
 def _print_table(summaries: list[dict]) -> None:
     table = Table(title="runs")
-    cols = ("run", "sync", "w/s", "final acc", "best acc", "time to target", "wall s", "updates", "MB pushed")
-    table.add_column(cols[0], no_wrap=True)
+    cols = ("run", "sync", "w/s", "final", "best", "to target", "wall s", "updates", "MB out")
+    table.add_column(cols[0], overflow="fold")  # numbers stay whole; long names wrap
     for col in cols[1:]:
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True)
     for s in summaries:
         ttt = s.get("time_to_target_s")
         table.add_row(Path(s["run_dir"]).name, s["sync"], f"{s['workers']}/{s['servers']}",
