@@ -46,6 +46,7 @@ class SGD(ServerOptimizer):
             raise ValueError("nesterov momentum requires momentum > 0")
         self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay
         self.buf = np.zeros(size, dtype=np.float32) if momentum else None
+        self._update = np.empty(size, dtype=np.float32)
 
     def step(self, params: np.ndarray, grad: np.ndarray, lr_scale: float = 1.0) -> None:
         d_p = self._with_weight_decay(params, grad, self.weight_decay)
@@ -62,7 +63,10 @@ class SGD(ServerOptimizer):
                 d_p = self._scratch
             else:
                 d_p = self.buf
-        params -= np.float32(self.lr * lr_scale) * d_p
+        # Scale into the spare buffer (d_p is buf or _scratch): no allocation per step.
+        update = self._update if d_p is self._scratch else self._scratch
+        np.multiply(d_p, np.float32(self.lr * lr_scale), out=update)
+        params -= update
         self.steps += 1
 
     def state_dict(self) -> dict:
@@ -99,7 +103,8 @@ class Adam(ServerOptimizer):
         self._denom += np.float32(self.eps)
         step_size = self.lr * lr_scale / bias1
         np.divide(self.exp_avg, self._denom, out=self._denom)
-        params -= np.float32(step_size) * self._denom
+        self._denom *= np.float32(step_size)
+        params -= self._denom
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
