@@ -1,7 +1,5 @@
 """Wire format: round trips, and every malformed header is refused with a reason."""
 
-import struct
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st

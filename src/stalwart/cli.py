@@ -111,7 +111,7 @@ def report(
 ) -> None:
     """Rebuild summaries and plots of finished runs and compare them."""
     from .metrics.plots import plot_runs
-    from .metrics.summary import summarize, write_summary
+    from .metrics.summary import write_summary
 
     summaries = []
     for run in runs:
@@ -119,7 +119,7 @@ def report(
             _fail(f"{run} is not a run directory (no config.yaml)")
         previous = run / "summary.json"
         status = json.loads(previous.read_text()).get("status", "completed") if previous.exists() else "unknown"
-        summaries.append(write_summary(run, status=status) if summarize(run)["curve"] else summarize(run))
+        summaries.append(write_summary(run, status=status))  # plots only when there is a curve
     if len(summaries) > 1:
         path = plot_runs(summaries, out or Path("report.png"))
         console.print(f"overlay plot: {path}")

@@ -142,10 +142,11 @@ class Job:
             elapsed = time.monotonic() - t_start
             log.emit("eval", elapsed_s=elapsed, **result)
             workers = [m for m in control.call("status")["members"] if m["role"] == "worker"]
-            progress.update(elapsed, result, workers)
+            losses = [w["stats"]["loss"] for w in workers if (w.get("stats") or {}).get("loss") is not None]
+            train_loss = sum(losses) / len(losses) if losses else None
+            progress.update(elapsed, result, workers, train_loss)
             if tensorboard is not None:
-                losses = [w["stats"]["loss"] for w in workers if (w.get("stats") or {}).get("loss") is not None]
-                tensorboard.add(elapsed, result, sum(losses) / len(losses) if losses else None)
+                tensorboard.add(elapsed, result, train_loss)
             if c.train.duration_s is not None and elapsed >= c.train.duration_s:
                 reason = f"duration of {c.train.duration_s:g}s reached"
             elif c.train.stop_at_target and result["accuracy"] >= c.train.target_accuracy:
@@ -160,7 +161,7 @@ class Job:
         result = evaluator.evaluate()
         elapsed = time.monotonic() - t_start
         log.emit("eval", elapsed_s=elapsed, final=True, **result)
-        progress.update(elapsed, result, [])
+        progress.update(elapsed, result, [], None)
         if tensorboard is not None:
             tensorboard.add(elapsed, result, None)
             tensorboard.close()

@@ -16,7 +16,7 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         if self.enabled:
-            self._live = Live(self._render(0.0, None, []), console=Console(), refresh_per_second=4)
+            self._live = Live(self._render(0.0, None, [], None), console=Console(), refresh_per_second=4)
             self._live.__enter__()
         return self
 
@@ -24,26 +24,26 @@ class Progress:
         if self._live is not None:
             self._live.__exit__(*exc)
 
-    def update(self, elapsed: float, result: dict, workers: list[dict]) -> None:
+    def update(self, elapsed: float, result: dict, workers: list[dict], train_loss: float | None) -> None:
         if self._last is not None and elapsed > self._last[0] and workers:
             self._rate = (result["version"] - self._last[1]) / (elapsed - self._last[0])
         self._last = (elapsed, result["version"])
         if self._live is not None:
-            self._live.update(self._render(elapsed, result, workers))
+            self._live.update(self._render(elapsed, result, workers, train_loss))
 
-    def _render(self, elapsed: float, result: dict | None, workers: list[dict]) -> Table:
+    def _render(self, elapsed: float, result: dict | None, workers: list[dict],
+                train_loss: float | None) -> Table:
         table = Table(title="stalwart", expand=False)
         for col in ("time", "clock", "test acc", "test loss", "train loss", "updates/s", "workers"):
             table.add_column(col, justify="right")
         if result is None:
             table.add_row(f"{elapsed:5.1f}s", "-", "-", "-", "-", "-", "starting")
             return table
-        losses = [w["stats"]["loss"] for w in workers if w.get("stats", {}).get("loss") is not None]
         acc = f"{result['accuracy']:.3f}"
         if self.target is not None and result["accuracy"] >= self.target:
             acc = f"[green]{acc}[/green]"
         alive = sum(1 for w in workers if w.get("alive"))
         table.add_row(f"{elapsed:5.1f}s", str(result["version"]), acc, f"{result['loss']:.3f}",
-                      f"{sum(losses) / len(losses):.3f}" if losses else "-", f"{self._rate:.1f}",
+                      "-" if train_loss is None else f"{train_loss:.3f}", f"{self._rate:.1f}",
                       f"{alive}/{len(workers)}" if workers else "-")
         return table

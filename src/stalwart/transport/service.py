@@ -15,7 +15,7 @@ from typing import Any
 
 from ..metrics import EventLog
 from .auth import AuthError, server_handshake
-from .base import Connection, ConnectionClosed, Listener
+from .base import Connection, Listener
 from .frame import Frame, Kind, ProtocolError
 
 
