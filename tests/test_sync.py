@@ -54,3 +54,134 @@ def test_asp_applies_every_push_and_never_waits():
 def test_bad_specs_are_named(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_policy(spec)
+
+
+# --- SSP -----------------------------------------------------------------------------
+
+def test_ssp_bounds_the_lead_over_the_slowest():
+    ssp = parse_policy("ssp:2")(3, 4)
+    for c in range(3):
+        np.testing.assert_allclose(ssp.on_push(0, c, g(1)), g(1))  # applied at once
+    assert not ssp.may_proceed(0, 2)        # slowest has pushed nothing: 2 - (-1) > 2
+    ssp.on_push(1, 0, g(1))
+    assert not ssp.may_proceed(0, 2)        # worker 2 still has not pushed
+    ssp.on_push(2, 0, g(1))
+    assert ssp.may_proceed(0, 2) and not ssp.may_proceed(0, 3)
+    assert ssp.lr_scale() == 1 / 3
+
+
+def test_ssp_zero_waits_like_bsp_and_leavers_are_not_waited_for():
+    ssp = parse_policy("ssp:0")(2, 4)
+    ssp.on_push(0, 0, g(1))
+    assert not ssp.may_proceed(0, 0)
+    ssp.leave(1)
+    assert ssp.may_proceed(0, 0)
+
+
+# --- DSSP ----------------------------------------------------------------------------
+
+def test_dssp_grants_the_extra_clocks_that_meet_the_slowest():
+    dssp = parse_policy("dssp:1:4")(2, 4)
+    # worker 1 is slow: one push per second; worker 0 pushes every 0.25 s
+    dssp.on_push(1, 0, g(1), now=0.0)
+    dssp.on_push(0, 0, g(1), now=0.0)
+    dssp.on_push(0, 1, g(1), now=0.25)
+    assert dssp.may_proceed(0, 1)           # 1 ahead: within S
+    dssp.on_push(1, 1, g(1), now=1.0)
+    for c, t in [(2, 1.25), (3, 1.5)]:
+        dssp.on_push(0, c, g(1), now=t)
+    # worker 0 at clock 3 is 2 ahead of the slowest (1): beyond S=1, so the leader
+    # predicts the slowest's next push at 2.0 and grants r with 1.5 + r*0.25 nearest: 2
+    assert dssp.grants == {0: 2}
+    assert dssp.may_proceed(0, 3)           # 2 ahead <= 1 + 2
+    dssp.on_push(0, 4, g(1), now=1.75)
+    assert dssp.may_proceed(0, 4)
+    dssp.on_push(0, 5, g(1), now=2.0)
+    assert not dssp.may_proceed(0, 5)       # 4 ahead > 3: waits for the slowest
+    assert [e for e, _ in dssp.drain_events()] == ["dssp_grant"]
+
+
+def test_dssp_follower_allows_the_loosest_bound():
+    follower = parse_policy("dssp:1:4")(2, 4, leader=False)
+    follower.on_push(1, 0, g(1), now=0.0)
+    for c in range(6):
+        follower.on_push(0, c, g(1), now=c * 0.1)
+    assert follower.may_proceed(0, 5) and not follower.may_proceed(0, 6)
+
+
+# --- ElasticBSP ----------------------------------------------------------------------
+
+def _push_all(policy, pushes):
+    for worker, clock, now in pushes:
+        policy.on_push(worker, clock, g(1), now=now)
+
+
+def test_elastic_places_a_barrier_where_workers_meet_and_all_shards_hold_it():
+    leader = parse_policy("elastic:6")(2, 4)
+    follower = parse_policy("elastic:6")(2, 4, leader=False)
+    # worker 0 pushes every 1 s, worker 1 every 2 s
+    pushes = [(0, 0, 1.0), (1, 0, 2.0), (0, 1, 2.0), (0, 2, 3.0), (1, 1, 4.0)]
+    _push_all(leader, pushes)
+    _push_all(follower, pushes)
+    # predicted: worker 0 at 3 + k (k=2..7) -> 5..10, worker 1 at 4 + 2k -> 8, 10, ..., 18
+    # the closest pair is 8 and 8: worker 0 after clock 2 + 5 = 7, worker 1 after clock 1 + 2 = 3
+    assert leader.hint_for(0) == {"barrier": 0, "clock": 7}
+    assert leader.hint_for(1) == {"barrier": 0, "clock": 3}
+    assert follower.hint_for(0) is None     # only the leader plans
+    for shard in (leader, follower):
+        shard.on_pull(0, 6, leader.hint_for(0), now=7.0)  # not its barrier clock yet
+        assert shard.may_proceed(0, 6)
+        shard.on_pull(0, 7, {"barrier": 0, "clock": 7}, now=8.0)
+        assert not shard.may_proceed(0, 7)
+        shard.on_pull(1, 3, {"barrier": 0, "clock": 3}, now=8.5)
+        assert shard.may_proceed(0, 7) and shard.may_proceed(1, 3)
+    (name, record), = leader.drain_events()
+    assert name == "barrier" and record["clocks"] == {0: 7, 1: 3}
+    assert record["predicted_wait_s"] == {0: 0.0, 1: 0.0}
+    assert record["actual_wait_s"] == {0: 0.5, 1: 0.0}
+    assert follower.drain_events() == []
+    assert leader.hint_for(0) is None       # monitoring again: two pushes each needed
+
+
+def test_elastic_adapts_when_a_worker_changes_speed():
+    leader = parse_policy("elastic:20")(2, 4)
+    _push_all(leader, [(0, 0, 0.0), (0, 1, 1.0), (1, 0, 0.0), (1, 1, 1.0)])
+    assert leader.hint_for(0)["clock"] == leader.hint_for(1)["clock"]  # same speed, same clock
+    leader.on_pull(0, 3, leader.hint_for(0), now=3.0)
+    leader.on_pull(1, 3, leader.hint_for(1), now=3.0)
+    # now worker 1 is three times slower
+    _push_all(leader, [(0, 4, 4.0), (0, 5, 5.0), (1, 4, 6.0), (1, 5, 9.0)])
+    # predicted: worker 0 at 5 + k -> 7, 8, ..., worker 1 at 9 + 3k -> 15, 18, ...; they meet
+    # at 15, the earliest exact meeting: worker 0 runs 10 more clocks, worker 1 only 2
+    assert leader.hint_for(0) == {"barrier": 1, "clock": 15}
+    assert leader.hint_for(1) == {"barrier": 1, "clock": 7}
+
+
+def test_elastic_worker_leaving_opens_the_barrier():
+    leader = parse_policy("elastic:4")(2, 4)
+    _push_all(leader, [(0, 0, 0.0), (0, 1, 1.0), (1, 0, 0.0), (1, 1, 1.0)])
+    leader.on_pull(0, 3, leader.hint_for(0), now=3.0)
+    assert not leader.may_proceed(0, 3)
+    leader.leave(1, now=4.0)
+    assert leader.may_proceed(0, 3)
+
+
+@pytest.mark.parametrize("hint", [{"barrier": "x", "clock": 1}, {"barrier": 0, "clock": None},
+                                  {"barrier": -3, "clock": 1}, {"barrier": 9, "clock": 1}])
+def test_elastic_refuses_malformed_or_unknown_barrier_hints(hint):
+    leader = parse_policy("elastic:4")(2, 4)
+    with pytest.raises(SyncError):
+        leader.on_pull(0, 1, hint)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("ssp:x", "staleness must be an integer"), ("ssp:-1", "must be >= 0"),
+    ("dssp:1:2:3", "too many parameters; use dssp:STALENESS:EXTRA"), ("elastic:0", "must be >= 1")])
+def test_bad_parameters_are_named(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_policy(spec)
+
+
+@pytest.mark.parametrize("spec, cls", [("ssp", "SSP"), ("dssp", "DSSP"), ("elastic", "ElasticBSP")])
+def test_defaults(spec, cls):
+    assert type(parse_policy(spec)(2, 4)).__name__ == cls

@@ -29,7 +29,7 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML job file; flags override it"),
     workers: Optional[int] = typer.Option(None, help="number of worker processes"),
     servers: Optional[int] = typer.Option(None, help="number of server processes (shards)"),
-    sync: Optional[str] = typer.Option(None, help="synchronization policy: bsp | asp"),
+    sync: Optional[str] = typer.Option(None, help="synchronization policy: bsp | asp | ssp:S | dssp:S:R | elastic:R"),
     dataset: Optional[str] = typer.Option(None, help="mnist1d | digits | synthetic | mnist | fashion-mnist | cifar10"),
     data_dir: Optional[Path] = typer.Option(None, help="folder holding local data files"),
     samples: Optional[int] = typer.Option(None, help="examples to generate (mnist1d, synthetic)"),
@@ -155,6 +155,31 @@ def bench_pushpull(
     for r in result["rows"]:
         table.add_row(f"{r['params']:,}", str(r["workers"]), str(r["servers"]), str(r["round_trips"]),
                       f"{r['ms_per_round']:.2f}", f"{r['mb_per_s']:.0f}", f"{r['ratio_to_limit']:.2f}")
+    console.print(table)
+
+
+@bench_app.command("zipline")
+def bench_zipline(
+    workers: int = typer.Option(1000, "--workers", "-n", min=1, help="rows: workers"),
+    lookahead: list[int] = typer.Option([15, 150], "--lookahead", "-r", min=1, help="columns: predicted pushes"),
+    repeats: int = typer.Option(20, min=1, help="searches timed (median reported)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (one object per lookahead)"),
+) -> None:
+    """Seconds per ZipLine search, next to the paper's C++ figures (n=1000)."""
+    from .bench.zipline import bench_zipline as run
+
+    rows = [run(workers, r, repeats) for r in lookahead]
+    if as_json:
+        print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=1))
+        return
+    table = Table(title=f"ZipLine, {workers} workers (median of {repeats} searches)")
+    for col in ("lookahead R", "seconds/search", "paper (C++)", "faster by"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        paper = r["paper_seconds"]
+        table.add_row(str(r["lookahead"]), f"{r['seconds_per_search']:.4f}",
+                      "-" if paper is None else f"{paper:.2f}",
+                      "-" if paper is None else f"{r['speedup_vs_paper']:.0f}x")
     console.print(table)
 
 

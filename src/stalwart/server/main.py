@@ -20,7 +20,7 @@ def run_server(spec, index: int) -> int:
     o = job.optimizer
     optimizer = build_optimizer(o.name, size, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                 weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
-    policy = parse_policy(job.sync.policy)(job.cluster.workers, size)
+    policy = parse_policy(job.sync.policy)(job.cluster.workers, size, leader=index == 0)
     listener = get_transport(job.cluster.transport).listen(job.cluster.host, 0)
     server = ParameterServer(listener, token, log, shard=index, size=size, optimizer=optimizer,
                              policy=policy, workers=job.cluster.workers)

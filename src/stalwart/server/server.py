@@ -80,6 +80,7 @@ class ParameterServer(FrameService):
         self._rw = ReadWriteLock()
         self.stats = {"pushes": 0, "pulls": 0, "bytes_in": 0, "bytes_out": 0, "rejected": 0,
                       "staleness_sum": 0, "staleness_max": 0}
+        self.wait_s = [0.0] * workers  # seconds each worker's pulls spent held at the gate
 
     # --- wire ----------------------------------------------------------------------
     def payload_sink(self, session: Session, frame: Frame) -> memoryview | None:
@@ -151,7 +152,7 @@ class ParameterServer(FrameService):
             while not self.initialized and not self.stopping:
                 self._state.wait()
             try:
-                update = self.policy.on_push(frame.worker, frame.clock, grad)
+                update = self.policy.on_push(frame.worker, frame.clock, grad, time.monotonic())
             except SyncError as exc:
                 return self._reject(session, frame, str(exc))
             staleness = self.version - session.data.get("pulled_version", 0)
@@ -162,8 +163,15 @@ class ParameterServer(FrameService):
             if update is not None:
                 self._apply(update)
             version = self.version
-        session.conn.send(Frame(Kind.PUSH_ACK, shard=self.shard, worker=frame.worker,
-                                seq=frame.seq, clock=version))
+            hint = self.policy.hint_for(frame.worker)
+            decisions = self.policy.drain_events()
+        session.conn.send(Frame(Kind.PUSH_ACK, shard=self.shard, worker=frame.worker, seq=frame.seq,
+                                clock=version, meta=None if hint is None else {"hint": hint}))
+        self._log_decisions(decisions)
+
+    def _log_decisions(self, decisions: list[tuple[str, dict]]) -> None:
+        for name, fields in decisions:
+            self.log.emit(name, shard=self.shard, **fields)
 
     def _apply(self, update: np.ndarray) -> None:
         """Caller holds ``_state``."""
@@ -174,10 +182,23 @@ class ParameterServer(FrameService):
 
     def _on_pull(self, session: Session, frame: Frame) -> None:
         observer = frame.worker == NO_WORKER or frame.flags & Flag.ASYNC_PULL
+        hint = (frame.meta or {}).get("hint")
+        if hint is not None and not isinstance(hint, dict):
+            return self._reject(session, frame, f"PULL hint must be a map, got {type(hint).__name__}")
+        arrived = time.monotonic()
         with self._state:
+            if not observer:
+                try:
+                    self.policy.on_pull(frame.worker, frame.clock, hint, arrived)
+                except SyncError as exc:
+                    return self._reject(session, frame, str(exc))
+                self._state.notify_all()  # an arrival may have opened a barrier
             while not self.stopping and not (
                     self.initialized and (observer or self.policy.may_proceed(frame.worker, frame.clock))):
                 self._state.wait()
+            if not observer:
+                self.wait_s[frame.worker] += time.monotonic() - arrived
+            decisions = self.policy.drain_events()
             if self.stopping and frame.worker != NO_WORKER:
                 session.conn.send(Frame(Kind.STOP, shard=self.shard))
                 return
@@ -185,6 +206,7 @@ class ParameterServer(FrameService):
             # lock before letting go of _state pins ``version`` to the bytes we send.
             self._rw.acquire_read()
             version = self.version
+        self._log_decisions(decisions)
         try:
             session.conn.send(Frame(Kind.PARAMS, shard=self.shard, clock=version),
                               memoryview(self.params).cast("B"))
@@ -202,11 +224,13 @@ class ParameterServer(FrameService):
 
     def _leave(self, worker: int, event: str) -> None:
         with self._state:
-            update = self.policy.leave(worker)
+            update = self.policy.leave(worker, time.monotonic())
             if update is not None:
                 self._apply(update)
             self._state.notify_all()
+            decisions = self.policy.drain_events()
         self.log.emit(event, worker=worker, version=self.version)
+        self._log_decisions(decisions)
 
     def on_disconnect(self, session: Session) -> None:
         if session.worker is not None and session.worker != NO_WORKER and not session.data.get("left"):
@@ -224,6 +248,7 @@ class ParameterServer(FrameService):
         with self._state:
             pushes = self.stats["pushes"]
             return {"version": self.version, "initialized": self.initialized, **self.stats,
+                    "wait_s": [round(w, 4) for w in self.wait_s],
                     "staleness_mean": self.stats["staleness_sum"] / pushes if pushes else 0.0}
 
 

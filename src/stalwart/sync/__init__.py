@@ -1,4 +1,16 @@
-"""Synchronization policies, chosen by a short spec string: ``bsp``, ``asp``."""
+"""Synchronization policies, chosen by a short spec string.
+
+========================  =====================================================
+``bsp``                   one barrier per clock; the mean of all pushes applied
+``asp``                   every push applied at once; nobody waits
+``ssp:S``                 no worker more than S clocks ahead of the slowest
+``dssp:S:R``              like ssp, the bound moving within [S, S+R] by speed
+``elastic:R``             ElasticBSP: barriers placed by ZipLine over R predicted pushes
+========================  =====================================================
+
+Parameters may be left out for their defaults (``ssp`` = ``ssp:3``, ``dssp`` =
+``dssp:3:3``, ``elastic`` = ``elastic:15``). :func:`zipline` is usable on its own.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +19,44 @@ from typing import Callable
 from .asp import ASP
 from .base import SyncError, SyncPolicy
 from .bsp import BSP
+from .dssp import DSSP
+from .elastic import ElasticBSP
+from .ssp import SSP
+from .zipline import zipline
 
-PolicyFactory = Callable[[int, int], SyncPolicy]
+PolicyFactory = Callable[..., SyncPolicy]
 
-_POLICIES: dict[str, type[SyncPolicy]] = {"bsp": BSP, "asp": ASP}
+# name -> (class, names of its integer parameters, their defaults)
+_POLICIES: dict[str, tuple[type[SyncPolicy], tuple[str, ...], tuple[int, ...]]] = {
+    "bsp": (BSP, (), ()),
+    "asp": (ASP, (), ()),
+    "ssp": (SSP, ("staleness",), (3,)),
+    "dssp": (DSSP, ("staleness", "extra"), (3, 3)),
+    "elastic": (ElasticBSP, ("lookahead",), (15,)),
+}
 
 
 def parse_policy(spec: str) -> PolicyFactory:
-    """Turn ``"bsp"`` etc. into a factory ``(workers, shard_size) -> SyncPolicy``."""
+    """Turn ``"ssp:3"`` etc. into a factory ``(workers, shard_size, leader=True) -> SyncPolicy``."""
     name, *args = spec.strip().lower().split(":")
     if name not in _POLICIES:
         raise ValueError(f"unknown sync policy {spec!r}; choose one of {sorted(_POLICIES)}")
-    if args:
-        raise ValueError(f"sync policy {name!r} takes no parameters, got {spec!r}")
-    cls = _POLICIES[name]
-    return lambda workers, shard_size: cls(workers, shard_size)
+    cls, names, defaults = _POLICIES[name]
+    if len(args) > len(names):
+        usage = ":".join([name, *(n.upper() for n in names)])
+        raise ValueError(f"sync policy {spec!r} has too many parameters; use {usage}"
+                         if names else f"sync policy {name!r} takes no parameters, got {spec!r}")
+    values = list(defaults)
+    for i, raw in enumerate(args):
+        try:
+            values[i] = int(raw)
+        except ValueError:
+            raise ValueError(f"sync policy {spec!r}: {names[i]} must be an integer, got {raw!r}") from None
+        if values[i] < (1 if names[i] == "lookahead" else 0):
+            raise ValueError(f"sync policy {spec!r}: {names[i]} must be "
+                             f"{'>= 1' if names[i] == 'lookahead' else '>= 0'}, got {values[i]}")
+    params = dict(zip(names, values))
+    return lambda workers, shard_size, leader=True: cls(workers, shard_size, leader, **params)
 
 
-__all__ = ["ASP", "BSP", "SyncError", "SyncPolicy", "parse_policy"]
+__all__ = ["ASP", "BSP", "DSSP", "ElasticBSP", "SSP", "SyncError", "SyncPolicy", "parse_policy", "zipline"]

@@ -7,20 +7,11 @@ mean of N gradients.
 
 from __future__ import annotations
 
-import numpy as np
-
-from .base import SyncPolicy
+from .base import ApplyEveryPush
 
 
-class ASP(SyncPolicy):
+class ASP(ApplyEveryPush):
     name = "asp"
-
-    def on_push(self, worker: int, clock: int, grad: np.ndarray) -> np.ndarray:
-        self.clocks[worker] = clock
-        return grad
 
     def may_proceed(self, worker: int, clock: int) -> bool:
         return True
-
-    def lr_scale(self) -> float:
-        return 1.0 / max(1, len(self.active))

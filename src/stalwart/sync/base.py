@@ -8,9 +8,16 @@ A policy answers two questions and nothing else:
   next clock; may it have them now, or must it wait?
 
 The server owns locking, the optimizer and the wire; a policy is plain, single-threaded
-bookkeeping, which keeps each policy small and testable without processes. Policies are
-deterministic functions of the pushes they see, so every server of a job, seeing the
-same pushes, places the same barriers.
+bookkeeping with the time passed in (``now``), which keeps each policy small and
+testable without processes or clocks.
+
+Agreement between shards. Clock-based rules (BSP, ASP, SSP) are deterministic functions
+of the pushes, so every shard, seeing the same pushes, gates the same way. Rules that
+depend on *timing* (DSSP, ElasticBSP) would not agree: each shard sees pushes at
+slightly different instants. For those, shard 0 is the *leader*: it alone decides, and
+its decision travels as a small *hint* in its push acknowledgement to the worker, which
+relays the hint on its next pulls to every shard (``on_pull``). Followers act on the
+relayed hint, so all shards of a job hold a worker at the same barrier.
 """
 
 from __future__ import annotations
@@ -27,18 +34,28 @@ class SyncError(ValueError):
 class SyncPolicy(ABC):
     name: str = "?"
 
-    def __init__(self, workers: int, shard_size: int):
+    def __init__(self, workers: int, shard_size: int, leader: bool = True):
+        self.workers = workers
         self.active: set[int] = set(range(workers))
         self.shard_size = shard_size
+        self.leader = leader
         self.clocks: dict[int, int] = {}  # last clock each worker pushed
+        self._events: list[tuple[str, dict]] = []
 
     @abstractmethod
-    def on_push(self, worker: int, clock: int, grad: np.ndarray) -> np.ndarray | None:
+    def on_push(self, worker: int, clock: int, grad: np.ndarray, now: float = 0.0) -> np.ndarray | None:
         """Account a push; return the gradient to apply now, or None to hold it."""
 
     @abstractmethod
     def may_proceed(self, worker: int, clock: int) -> bool:
         """May ``worker``, having pushed ``clock``, pull and begin ``clock + 1``?"""
+
+    def on_pull(self, worker: int, clock: int, hint: dict | None, now: float = 0.0) -> None:
+        """A pull for ``clock`` arrived carrying the hint the worker relays (if any)."""
+
+    def hint_for(self, worker: int) -> dict | None:
+        """What the leader asks ``worker`` to relay to every shard, or None."""
+        return None
 
     def lr_scale(self) -> float:
         """Scale of the learning rate for the update just returned by ``on_push``.
@@ -49,10 +66,34 @@ class SyncPolicy(ABC):
         """
         return 1.0
 
-    def leave(self, worker: int) -> np.ndarray | None:
+    def leave(self, worker: int, now: float = 0.0) -> np.ndarray | None:
         """``worker`` left the job; return an update that its absence completes, if any."""
         self.active.discard(worker)
         return None
 
+    def drain_events(self) -> list[tuple[str, dict]]:
+        """Decisions worth a line in the event log (barriers placed and reached)."""
+        events, self._events = self._events, []
+        return events
+
     def describe(self) -> dict:
-        return {"policy": self.name, "active": sorted(self.active)}
+        return {"policy": self.name, "leader": self.leader, "active": sorted(self.active)}
+
+    def _slowest_clock(self) -> int:
+        """The last clock pushed by the slowest active worker (-1 before its first push)."""
+        return min((self.clocks.get(w, -1) for w in self.active), default=-1)
+
+
+class ApplyEveryPush(SyncPolicy):
+    """Base of the policies without a global update step: each push is applied at once."""
+
+    def on_push(self, worker: int, clock: int, grad: np.ndarray, now: float = 0.0) -> np.ndarray | None:
+        self.clocks[worker] = max(clock, self.clocks.get(worker, -1))
+        self.on_timed_push(worker, clock, now)
+        return grad
+
+    def on_timed_push(self, worker: int, clock: int, now: float) -> None:
+        """Hook for policies that watch the timing of pushes."""
+
+    def lr_scale(self) -> float:
+        return 1.0 / max(1, len(self.active))

@@ -16,14 +16,14 @@ from .base import SyncError, SyncPolicy
 class BSP(SyncPolicy):
     name = "bsp"
 
-    def __init__(self, workers: int, shard_size: int):
-        super().__init__(workers, shard_size)
+    def __init__(self, workers: int, shard_size: int, leader: bool = True):
+        super().__init__(workers, shard_size, leader)
         self.clock = 0              # the clock whose barrier is being collected
         self.done_clock = -1        # the last clock whose barrier completed
         self.pushed: set[int] = set()
         self._sum = np.zeros(shard_size, dtype=np.float32)
 
-    def on_push(self, worker: int, clock: int, grad: np.ndarray) -> np.ndarray | None:
+    def on_push(self, worker: int, clock: int, grad: np.ndarray, now: float = 0.0) -> np.ndarray | None:
         if clock != self.clock:
             raise SyncError(f"worker {worker} pushed clock {clock} while the barrier "
                             f"collects clock {self.clock}")
@@ -50,8 +50,8 @@ class BSP(SyncPolicy):
     def may_proceed(self, worker: int, clock: int) -> bool:
         return self.done_clock >= clock
 
-    def leave(self, worker: int) -> np.ndarray | None:
-        super().leave(worker)
+    def leave(self, worker: int, now: float = 0.0) -> np.ndarray | None:
+        super().leave(worker, now)
         # A gradient it already pushed for this clock still counts in the mean.
         return self._complete_if_ready()
 

@@ -39,6 +39,9 @@ class ParameterClient:
         self.bytes_pushed = 0
         self.bytes_pulled = 0
         self.seq = 0
+        # What the sync leader asked this worker to relay to every shard (see
+        # stalwart.sync.base): taken from push acknowledgements, sent with pulls.
+        self.hint: dict | None = None
 
     @property
     def shards(self) -> int:
@@ -77,19 +80,25 @@ class ParameterClient:
         grads = self._views(grad) if grad is not None else None
         targets = self._views(params) if params is not None else None
         self.seq += 1
+        pull_meta = {"hint": self.hint} if self.hint is not None and wait else None
         for s, conn in enumerate(self.conns):
             if grads is not None:
                 conn.send(Frame(Kind.PUSH, shard=s, worker=self.worker, seq=self.seq, clock=clock), grads[s])
             if targets is not None:
                 conn.send(Frame(Kind.PULL, shard=s, worker=self.worker, seq=self.seq, clock=clock,
-                                flags=0 if wait else Flag.ASYNC_PULL))
+                                flags=0 if wait else Flag.ASYNC_PULL, meta=pull_meta))
+        hint = None
         for s in range(self.shards):
             if grads is not None:
-                self.versions[s] = self._recv(s, Kind.PUSH_ACK).clock
+                ack = self._recv(s, Kind.PUSH_ACK)
+                self.versions[s] = ack.clock
+                hint = (ack.meta or {}).get("hint", hint)
                 self.bytes_pushed += grads[s].nbytes
             if targets is not None:
                 self.versions[s] = self._recv(s, Kind.PARAMS, targets[s]).clock
                 self.bytes_pulled += targets[s].nbytes
+        if grads is not None:
+            self.hint = hint
         return list(self.versions)
 
     def push(self, grad: np.ndarray, clock: int) -> list[int]:

@@ -1,0 +1,149 @@
+"""ElasticBSP, ``elastic:R`` (Zhao et al., arXiv 2001.01347), with ZipLine.
+
+Between two barriers every worker runs as fast as it can: its pushes are applied as
+they arrive (learning rate scaled by 1/N, as under ASP) and its pulls never wait. The
+leader (shard 0) chooses where the next barrier falls so that workers wait for each
+other as little as possible:
+
+1. **Monitor.** After a barrier is released, wait until every active worker has pushed
+   at least twice since, so each has one interval measured with no barrier inside it.
+2. **Predict.** Worker ``i`` last pushed clock ``c_i`` at ``t_i`` with latest interval
+   ``d_i``; its pushes of clocks ``c_i + k`` are predicted at ``t_i + k * d_i`` for
+   ``k = 2 .. R + 1``: an ``n x R`` matrix. (``k = 1`` is left out: that push is already
+   being computed, and the worker could not learn of a barrier there before pulling.)
+3. **Choose.** :func:`~stalwart.sync.zipline.zipline` picks one predicted push per
+   worker with the smallest spread (ties to the earliest); worker ``i`` synchronizes
+   after clock ``b_i``, its chosen one.
+4. **Barrier.** The plan rides to each worker as a hint on the leader's push
+   acknowledgements; the worker's pull after clock ``b_i`` carries it to every shard,
+   and every shard holds such pulls until all active workers have arrived (or left).
+   Every worker's pushes up to its ``b_i`` precede its barrier pull on the same
+   connection, so all of them are applied when the barrier opens and every worker
+   leaves it with the same parameters.
+
+Each barrier is logged with the predicted and the actual wait of every worker. A worker
+that changes speed changes its latest interval, so the next plan follows it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .base import ApplyEveryPush, SyncError
+from .zipline import zipline
+
+
+class ElasticBSP(ApplyEveryPush):
+    name = "elastic"
+
+    def __init__(self, workers: int, shard_size: int, leader: bool = True, lookahead: int = 15):
+        super().__init__(workers, shard_size, leader)
+        if lookahead < 1:
+            raise ValueError(f"elastic lookahead R must be >= 1, got {lookahead}")
+        self.lookahead = lookahead
+        self.released = -1                         # last barrier id opened on this shard
+        self.arrivals: dict[int, dict[int, float]] = {}
+        self.waiting: dict[int, int] = {}          # worker -> barrier id its current pull waits at
+        self.barriers = 0
+        # Leader only.
+        self.recent: dict[int, list[tuple[int, float]]] = {}  # pushes since the last release
+        self.plan: dict | None = None
+
+    # --- leader: monitor, predict, choose ---------------------------------------------
+    def on_timed_push(self, worker: int, clock: int, now: float) -> None:
+        if not self.leader:
+            return
+        pushes = self.recent.setdefault(worker, [])
+        pushes.append((clock, now))
+        del pushes[:-2]
+        if self.plan is None and self.active and all(len(self.recent.get(w, ())) >= 2 for w in self.active):
+            self._place_barrier(now)
+
+    def _place_barrier(self, now: float) -> None:
+        workers = sorted(self.active)
+        steps = np.arange(2, self.lookahead + 2, dtype=np.float64)
+        last_clock = np.array([self.recent[w][-1][0] for w in workers])
+        last_time = np.array([self.recent[w][-1][1] for w in workers])
+        interval = np.maximum(last_time - np.array([self.recent[w][-2][1] for w in workers]), 1e-6)
+        predicted = last_time[:, None] + steps[None, :] * interval[:, None]
+        t0 = time.perf_counter()
+        columns, spread = zipline(predicted)
+        search_s = time.perf_counter() - t0
+        chosen = predicted[np.arange(len(workers)), columns]
+        self.plan = {
+            "barrier": self.barriers, "planned_at": now,
+            "clocks": {w: int(last_clock[i] + 2 + columns[i]) for i, w in enumerate(workers)},
+            "predicted": {w: float(chosen[i]) for i, w in enumerate(workers)},
+            "interval": {w: float(interval[i]) for i, w in enumerate(workers)},
+            "spread_s": spread, "search_s": search_s,
+        }
+        self.barriers += 1
+
+    def hint_for(self, worker: int) -> dict | None:
+        plan = self.plan
+        if plan is None or worker not in plan["clocks"] or worker in self.arrivals.get(plan["barrier"], {}):
+            return None
+        return {"barrier": plan["barrier"], "clock": plan["clocks"][worker]}
+
+    # --- every shard: the barrier itself ----------------------------------------------
+    def on_pull(self, worker: int, clock: int, hint: dict | None, now: float = 0.0) -> None:
+        self.waiting.pop(worker, None)
+        if not hint:
+            return
+        barrier, at = hint.get("barrier"), hint.get("clock")
+        if type(barrier) is not int or type(at) is not int or barrier < 0:
+            raise SyncError(f"worker {worker} relayed a malformed barrier hint {hint!r}")
+        if at != clock or barrier <= self.released:
+            return  # not this pull's barrier, or one already opened
+        if self.leader and (self.plan is None or barrier != self.plan["barrier"]):
+            raise SyncError(f"worker {worker} relayed barrier {barrier}, which the leader never placed")
+        self.arrivals.setdefault(barrier, {})[worker] = now
+        self.waiting[worker] = barrier
+        self._open_if_complete(now)
+
+    def may_proceed(self, worker: int, clock: int) -> bool:
+        barrier = self.waiting.get(worker)
+        return barrier is None or barrier <= self.released
+
+    def leave(self, worker: int, now: float = 0.0) -> np.ndarray | None:
+        super().leave(worker, now)
+        self.recent.pop(worker, None)
+        self._open_if_complete(now)
+        if self.leader and self.plan is None and self.active and \
+                all(len(self.recent.get(w, ())) >= 2 for w in self.active):
+            self._place_barrier(now)
+        return None
+
+    def _open_if_complete(self, now: float) -> None:
+        for barrier in sorted(self.arrivals):
+            arrived = self.arrivals[barrier]
+            if barrier <= self.released or not arrived or not self.active <= arrived.keys():
+                continue
+            self.released = barrier
+            del self.arrivals[barrier]
+            if self.leader:
+                self._record(barrier, arrived, now)
+
+    def _record(self, barrier: int, arrived: dict[int, float], now: float) -> None:
+        plan = self.plan
+        self.plan = None
+        self.recent = {}
+        if plan is None or plan["barrier"] != barrier:
+            return
+        predicted_open = max(plan["predicted"].values())
+        t0 = plan["planned_at"]
+        self._events.append(("barrier", {
+            "barrier": barrier, "clocks": plan["clocks"], "interval_s": plan["interval"],
+            "predicted_wait_s": {w: predicted_open - t for w, t in plan["predicted"].items()},
+            "actual_wait_s": {w: now - t for w, t in arrived.items()},
+            "predicted_open_s": predicted_open - t0, "actual_open_s": now - t0,
+            "predicted_spread_s": plan["spread_s"],
+            "actual_spread_s": max(arrived.values()) - min(arrived.values()),
+            "zipline_s": plan["search_s"],
+        }))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "lookahead": self.lookahead, "released": self.released,
+                "plan": None if self.plan is None else self.plan["clocks"]}
