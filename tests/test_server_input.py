@@ -61,6 +61,7 @@ def test_garbage_is_refused_and_the_server_keeps_serving(cluster):
         (Frame(Kind.PUSH, shard=0, worker=0), b"\0" * 12, "does not match the expected"),
         (Frame(Kind.PUSH, shard=5, worker=0), b"\0" * SIZE * 4, "shard 5 sent to shard 0"),
         (Frame(Kind.PULL, shard=0, worker=99), None, "worker id 99 is outside this job"),
+        (Frame(Kind.PULL, shard=0, worker=0, meta={"hint": 5}), None, "PULL hint must be a map"),
     ]:
         conn = authed(address, c.token)
         conn.send(frame, payload)

@@ -7,6 +7,8 @@ import pytest
 from stalwart.config import JobConfig
 from stalwart.launch import Job
 
+from helpers import events
+
 pytestmark = pytest.mark.integration
 
 
@@ -39,6 +41,36 @@ def test_short_run_learns(run_root, sync, tmp_path):
         "driver-0.jsonl", "coordinator-0.jsonl", "server-0.jsonl", "server-1.jsonl",
         "worker-0.jsonl", "worker-1.jsonl"}
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("sync", ["ssp:2", "dssp:1:3", "elastic:8"])
+def test_every_bounded_policy_learns_with_a_straggler(run_root, sync):
+    config = small_job(run_root, sync)
+    config.faults.stragglers = ["1:3.0"]
+    summary = Job(config).run()
+    assert summary["status"] == "completed"
+    assert summary["final_accuracy"] > 0.5, summary
+    assert summary["updates_applied"] >= summary["worker_iterations"] - 2  # every push applied
+    fast, slow = summary["iterations_per_worker"]
+    assert summary["straggler_delay_s"] > 0
+    straggled = events(run_dir_of(run_root), "straggler")
+    assert [(e["index"], e["factor"]) for e in straggled] == [(1, 3.0)]
+    wait_fast, wait_slow = summary["wait_s_per_worker"]
+    if not sync.startswith("elastic"):
+        # the bound holds the fast worker back for the straggler; the straggler never waits long
+        assert wait_fast > 0.5 and wait_fast > 3 * wait_slow, summary["wait_s_per_worker"]
+    if sync.startswith("elastic"):
+        barriers = events(run_dir_of(run_root), "barrier")
+        assert summary["barriers"] == len(barriers) > 0
+        # every worker is in each plan until one leaves at the stop
+        assert set(barriers[0]["clocks"]) == {"0", "1"}
+        assert all(set(b["clocks"]) <= {"0", "1"} for b in barriers)
+        assert fast > slow  # between barriers the fast worker runs ahead
+
+
+def run_dir_of(run_root):
+    (run_dir,) = run_root.iterdir()
+    return run_dir
 
 
 def test_epochs_end_the_job(run_root):

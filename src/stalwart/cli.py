@@ -15,6 +15,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="stalwart: parameter-server training that survives failures, stragglers and loss.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (they measure; they are not tests).")
 app.add_typer(bench_app, name="bench")
+experiment_app = typer.Typer(no_args_is_help=True, help="Experiments: grids of real jobs, aggregated over seeds.")
+app.add_typer(experiment_app, name="experiment")
 console = Console()
 err = Console(stderr=True)
 
@@ -43,6 +45,8 @@ def train(
     target_accuracy: Optional[float] = typer.Option(None, help="report the time to reach this test accuracy"),
     stop_at_target: Optional[bool] = typer.Option(None, help="stop once the target accuracy is reached"),
     seed: Optional[int] = typer.Option(None, help="seed of data, initial weights and shuffling"),
+    straggler: Optional[list[str]] = typer.Option(
+        None, "--straggler", help="slow a worker: 3:2.0 | *:jitter=0.5 | 3:1.0@20s | 0:3.0@clock=500 (repeatable)"),
     host: Optional[str] = typer.Option(None, help="address servers bind to (default loopback)"),
     transport: Optional[str] = typer.Option(None, help="transport: tcp"),
     out: Optional[Path] = typer.Option(None, help="parent folder of run directories"),
@@ -63,6 +67,7 @@ def train(
         "optimizer.lr": lr, "optimizer.momentum": momentum, "train.duration_s": duration,
         "train.epochs": epochs, "train.target_accuracy": target_accuracy,
         "train.stop_at_target": stop_at_target, "train.seed": seed,
+        "faults.stragglers": straggler or None,
         "out": str(out) if out else None, "name": name,
         "tensorboard": str(tensorboard) if tensorboard else None,
         "progress": False if quiet else None,
@@ -181,6 +186,43 @@ def bench_zipline(
                       "-" if paper is None else f"{paper:.2f}",
                       "-" if paper is None else f"{r['speedup_vs_paper']:.0f}x")
     console.print(table)
+
+
+@experiment_app.command("sync")
+def experiment_sync(
+    out: Path = typer.Option(Path("experiments/sync"), help="folder for results, plots and runs"),
+    quick: bool = typer.Option(False, "--quick", help=f"smoke check: 1 seed, 12 s per run (a few minutes)"),
+    seeds: Optional[int] = typer.Option(None, min=1, help="seeds per policy (default 3; 1 with --quick)"),
+    duration: Optional[float] = typer.Option(None, min=1, help="seconds per run (default 40; 12 with --quick)"),
+    policy: Optional[list[str]] = typer.Option(None, "--policy", help="policies to compare (repeatable)"),
+    straggler: Optional[list[str]] = typer.Option(None, "--straggler", help="straggler rules (default 3:2.0)"),
+    workers: int = typer.Option(4, min=1),
+    servers: int = typer.Option(2, min=1),
+    batch_size: int = typer.Option(64, min=1),
+    target_accuracy: float = typer.Option(0.9, min=0.01, max=1.0),
+) -> None:
+    """BSP, ASP, SSP, DSSP and ElasticBSP on one workload and one straggler pattern."""
+    from .config import ConfigError
+    from .experiments.sync import FULL, POLICIES, QUICK, base_config, render_markdown, run_sync_experiment
+    from .sync import parse_policy
+
+    preset = QUICK if quick else FULL
+    policies = policy or POLICIES
+    try:
+        for p in policies:
+            parse_policy(p)
+    except ValueError as exc:
+        _fail(str(exc))
+    base = base_config(workers, servers, tuple(straggler if straggler is not None else ("3:2.0",)),
+                       duration or preset["duration_s"], target_accuracy, batch_size)
+    try:
+        from .config import JobConfig
+        JobConfig.validate_dict(base)
+    except ConfigError as exc:
+        _fail(f"config error: {exc}")
+    result = run_sync_experiment(out, policies, seeds or preset["seeds"], base)
+    console.print(render_markdown(result), highlight=False)
+    console.print(f"results: {out}/results.md, {out}/results.json, {out}/accuracy.png")
 
 
 def main() -> None:

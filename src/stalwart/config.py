@@ -122,6 +122,19 @@ class TrainConfig(_Section):
         return self
 
 
+class FaultsConfig(_Section):
+    # Straggler rules such as "3:2.0" or "*:jitter=0.5"; see stalwart.faults.stragglers.
+    stragglers: list[str] = []
+
+    @field_validator("stragglers")
+    @classmethod
+    def _parse(cls, value: list[str]) -> list[str]:
+        from .faults import parse_straggler
+        for spec in value:
+            parse_straggler(spec)
+        return value
+
+
 class JobConfig(_Section):
     cluster: ClusterConfig = ClusterConfig()
     data: DataConfig = DataConfig()
@@ -129,6 +142,7 @@ class JobConfig(_Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     sync: SyncConfig = SyncConfig()
     train: TrainConfig = TrainConfig()
+    faults: FaultsConfig = FaultsConfig()
     out: Path = Path("runs")
     name: str | None = None
     tensorboard: Path | None = None
@@ -157,6 +171,16 @@ class JobConfig(_Section):
                 node = node.setdefault(part, {})
             node[leaf] = value
         return cls.validate_dict(data)
+
+    @model_validator(mode="after")
+    def _stragglers_name_real_workers(self) -> "JobConfig":
+        from .faults import parse_straggler
+        for spec in self.faults.stragglers:
+            worker = parse_straggler(spec).worker
+            if worker is not None and worker >= self.cluster.workers:
+                raise ValueError(f"straggler {spec!r} names worker {worker}, but the job has "
+                                 f"{self.cluster.workers} workers (0..{self.cluster.workers - 1})")
+        return self
 
     @classmethod
     def validate_dict(cls, data: dict[str, Any]) -> "JobConfig":

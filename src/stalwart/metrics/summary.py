@@ -21,6 +21,17 @@ def _curve(events: list[dict]) -> list[dict]:
              "version": e["version"]} for e in events if e["event"] == "eval"]
 
 
+def _barrier_accuracy(barriers: list[dict]) -> dict[str, Any]:
+    """How well ElasticBSP's predictions held: mean predicted and actual wait per worker."""
+    if not barriers:
+        return {}
+    predicted = [v for b in barriers for v in b["predicted_wait_s"].values()]
+    actual = [v for b in barriers for v in b["actual_wait_s"].values()]
+    return {"barrier_predicted_wait_s": sum(predicted) / len(predicted),
+            "barrier_actual_wait_s": sum(actual) / len(actual),
+            "zipline_s": sum(b["zipline_s"] for b in barriers) / len(barriers)}
+
+
 def summarize(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     events = list(read_events(run_dir))
@@ -35,6 +46,10 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         servers = {e["index"]: e for e in by("server_stats")}
     workers = by("worker_stop")
     pushes = sum(s.get("pushes", 0) for s in servers.values())
+    # A worker held at a gate waits on every shard at once: its wait is the longest.
+    waits = [s.get("wait_s") or [] for s in servers.values()]
+    wait_per_worker = [max(w[i] for w in waits if len(w) > i) for i in range(max(map(len, waits), default=0))]
+    barriers = by("barrier")
     staleness = sum(s.get("staleness_sum", 0) for s in servers.values())
     return {
         "run_dir": str(run_dir),
@@ -62,6 +77,12 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "rejected_frames": sum(s.get("rejected", 0) for s in servers.values()),
         "worker_compute_s": sum(w.get("compute_s", 0.0) for w in workers),
         "worker_comm_s": sum(w.get("comm_s", 0.0) for w in workers),
+        "stragglers": config.get("faults", {}).get("stragglers", []),
+        "iterations_per_worker": [w.get("iterations", 0) for w in sorted(workers, key=lambda e: e["index"])],
+        "straggler_delay_s": sum(w.get("delay_s", 0.0) for w in workers),
+        "wait_s_per_worker": wait_per_worker,
+        "barriers": len(barriers),
+        **_barrier_accuracy(barriers),
         "curve": curve,
     }
 

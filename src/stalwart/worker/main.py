@@ -11,6 +11,7 @@ import torch
 
 from ..control import CoordinatorClient
 from ..data import load_dataset, shard_indices
+from ..faults import Straggler, parse_straggler
 from ..metrics import EventLog
 from ..models import build_model
 from .client import JobStopping, ParameterClient
@@ -42,12 +43,14 @@ def run_worker(spec, index: int) -> int:
     opt = ParameterServerOptimizer(model, client=client)
     log.emit("worker_start", examples=len(y), batch=batch, iterations_per_epoch=per_epoch, limit=limit)
 
+    straggler = Straggler([parse_straggler(r) for r in job.faults.stragglers], index, t.seed)
     rng = np.random.default_rng([t.seed, index])
     loss_fn = torch.nn.CrossEntropyLoss()
     compute_s = comm_s = 0.0
     window: list[float] = []
     reason = "finished"
     order = rng.permutation(len(y))
+    first_step = None
     try:
         while limit is None or opt.clock < limit:
             if stopping.is_set():
@@ -63,6 +66,13 @@ def run_worker(spec, index: int) -> int:
             loss = loss_fn(model(x[take]), y[take])
             loss.backward()
             t1 = time.perf_counter()
+            first_step = first_step or t0
+            pause, change = straggler.delay(t1 - t0, opt.clock, t0 - first_step)
+            if change is not None:
+                log.emit("straggler", **change)
+            if pause > 0:
+                time.sleep(pause)  # the injected slowdown itself, not synchronization
+                t1 = time.perf_counter()
             opt.step()
             t2 = time.perf_counter()
             compute_s += t1 - t0
@@ -71,12 +81,14 @@ def run_worker(spec, index: int) -> int:
             progress.update(clock=opt.clock, loss=window[-1])
             if len(window) >= t.log_every:
                 log.emit("train", clock=opt.clock, version=opt.version, loss=float(np.mean(window)),
-                         epoch=opt.clock / per_epoch, compute_s=compute_s, comm_s=comm_s)
+                         epoch=opt.clock / per_epoch, compute_s=compute_s, comm_s=comm_s,
+                         delay_s=straggler.delay_s)
                 window.clear()
     except JobStopping:
         reason = "job stopping"
     finally:
         log.emit("worker_stop", reason=reason, iterations=opt.clock, compute_s=compute_s, comm_s=comm_s,
+                 delay_s=straggler.delay_s,
                  bytes_pushed=client.bytes_pushed, bytes_pulled=client.bytes_pulled)
         opt.close()
         control.close()
