@@ -58,6 +58,9 @@ class ElasticBSP(ApplyEveryPush):
         pushes = self.recent.setdefault(worker, [])
         pushes.append((clock, now))
         del pushes[:-2]
+        self._plan_if_monitored(now)
+
+    def _plan_if_monitored(self, now: float) -> None:
         if self.plan is None and self.active and all(len(self.recent.get(w, ())) >= 2 for w in self.active):
             self._place_barrier(now)
 
@@ -111,9 +114,8 @@ class ElasticBSP(ApplyEveryPush):
         super().leave(worker, now)
         self.recent.pop(worker, None)
         self._open_if_complete(now)
-        if self.leader and self.plan is None and self.active and \
-                all(len(self.recent.get(w, ())) >= 2 for w in self.active):
-            self._place_barrier(now)
+        if self.leader:
+            self._plan_if_monitored(now)
         return None
 
     def _open_if_complete(self, now: float) -> None:
