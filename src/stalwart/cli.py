@@ -191,7 +191,7 @@ def bench_zipline(
 @experiment_app.command("sync")
 def experiment_sync(
     out: Path = typer.Option(Path("experiments/sync"), help="folder for results, plots and runs"),
-    quick: bool = typer.Option(False, "--quick", help=f"smoke check: 1 seed, 12 s per run (a few minutes)"),
+    quick: bool = typer.Option(False, "--quick", help="smoke check: 1 seed, 12 s per run (a few minutes)"),
     seeds: Optional[int] = typer.Option(None, min=1, help="seeds per policy (default 3; 1 with --quick)"),
     duration: Optional[float] = typer.Option(None, min=1, help="seconds per run (default 40; 12 with --quick)"),
     policy: Optional[list[str]] = typer.Option(None, "--policy", help="policies to compare (repeatable)"),
@@ -199,6 +199,8 @@ def experiment_sync(
     workers: int = typer.Option(4, min=1),
     servers: int = typer.Option(2, min=1),
     batch_size: int = typer.Option(64, min=1),
+    dataset: str = typer.Option("mnist1d", help="data set of every run"),
+    model: str = typer.Option("cnn1d", help="model of every run (a heavier one makes compute dominate)"),
     target_accuracy: float = typer.Option(0.9, min=0.01, max=1.0),
 ) -> None:
     """BSP, ASP, SSP, DSSP and ElasticBSP on one workload and one straggler pattern."""
@@ -214,7 +216,7 @@ def experiment_sync(
     except ValueError as exc:
         _fail(str(exc))
     base = base_config(workers, servers, tuple(straggler if straggler is not None else ("3:2.0",)),
-                       duration or preset["duration_s"], target_accuracy, batch_size)
+                       duration or preset["duration_s"], target_accuracy, batch_size, dataset, model)
     try:
         from .config import JobConfig
         JobConfig.validate_dict(base)

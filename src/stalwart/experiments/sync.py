@@ -31,12 +31,13 @@ QUICK = {"seeds": 1, "duration_s": 12.0}
 
 
 def base_config(workers: int = 4, servers: int = 2, stragglers: tuple[str, ...] = ("3:2.0",),
-                duration_s: float = 40.0, target: float = 0.9, batch_size: int = 64) -> dict:
-    """The shared workload: MNIST-1D and the 1-D CNN, one 2x straggler among 4 workers."""
+                duration_s: float = 40.0, target: float = 0.9, batch_size: int = 64,
+                dataset: str = "mnist1d", model: str = "cnn1d") -> dict:
+    """The shared workload: by default MNIST-1D and the 1-D CNN, one 2x straggler among 4 workers."""
     return {
         "cluster": {"workers": workers, "servers": servers},
-        "data": {"dataset": "mnist1d", "batch_size": batch_size},
-        "model": {"name": "cnn1d"},
+        "data": {"dataset": dataset, "batch_size": batch_size},
+        "model": {"name": model},
         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
         "train": {"duration_s": duration_s, "target_accuracy": target, "eval_interval_s": 0.5},
         "faults": {"stragglers": list(stragglers)},
