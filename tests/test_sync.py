@@ -27,8 +27,22 @@ def test_bsp_resend_is_counted_once():
 
 def test_bsp_refuses_a_clock_out_of_step():
     bsp = BSP(workers=2, shard_size=4)
-    with pytest.raises(SyncError, match="pushed clock 3 while the barrier collects clock 0"):
+    bsp.on_push(0, 0, g(1))
+    bsp.on_push(1, 0, g(1))
+    with pytest.raises(SyncError, match="pushed clock 3 while the barrier collects clock 1"):
         bsp.on_push(0, 3, g(1))
+
+
+def test_bsp_after_a_restart_follows_the_workers_clock():
+    bsp = BSP(workers=2, shard_size=4)   # a restarted server: it knows no clock
+    assert bsp.on_push(0, 7, g(1)) is None
+    assert bsp.may_proceed(1, 6)         # barrier 6 completed before the crash
+    # worker 1 had passed barrier 7 elsewhere: collection moves on to 8
+    assert bsp.on_push(1, 8, g(5)) is None
+    assert bsp.on_push(0, 7, g(1)) is None and bsp.may_proceed(0, 7)  # a late resend, done
+    np.testing.assert_allclose(bsp.on_push(0, 8, g(3)), g(4))
+    with pytest.raises(SyncError):
+        bsp.on_push(1, 5, g(1))          # synced now: the past is refused again
 
 
 def test_bsp_leaving_worker_releases_the_barrier():
@@ -185,3 +199,19 @@ def test_bad_parameters_are_named(spec, message):
 @pytest.mark.parametrize("spec, cls", [("ssp", "SSP"), ("dssp", "DSSP"), ("elastic", "ElasticBSP")])
 def test_defaults(spec, cls):
     assert type(parse_policy(spec)(2, 4)).__name__ == cls
+
+
+def test_a_worker_joining_bsp_is_waited_for_from_the_barrier_being_collected():
+    bsp = BSP(workers=2, shard_size=4)
+    bsp.leave(1)
+    np.testing.assert_allclose(bsp.on_push(0, 0, g(2)), g(2))   # alone: barrier 0 done
+    assert bsp.join(1) == 1                                     # joins at barrier 1
+    assert bsp.on_push(0, 1, g(2)) is None                      # which now waits for it
+    np.testing.assert_allclose(bsp.on_push(1, 1, g(4)), g(3))
+
+
+def test_a_worker_joining_ssp_resumes_after_its_last_clock():
+    ssp = parse_policy("ssp:1")(2, 4)
+    ssp.on_push(1, 4, g(1))
+    ssp.leave(1)
+    assert ssp.join(1) == 5 and 1 in ssp.active

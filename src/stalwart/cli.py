@@ -45,6 +45,11 @@ def train(
     target_accuracy: Optional[float] = typer.Option(None, help="report the time to reach this test accuracy"),
     stop_at_target: Optional[bool] = typer.Option(None, help="stop once the target accuracy is reached"),
     seed: Optional[int] = typer.Option(None, help="seed of data, initial weights and shuffling"),
+    recovery: Optional[str] = typer.Option(None, help="what survives a dead server: none | checkpoint"),
+    checkpoint_every: Optional[int] = typer.Option(None, help="checkpoint: snapshot every N updates"),
+    kill: Optional[list[str]] = typer.Option(
+        None, "--kill", help="SIGKILL a role: server:0@30s | worker:1@clock=200 | server:0@20s,down=5s (repeatable)"),
+    down: Optional[str] = typer.Option(None, help="restart killed roles after this long, e.g. 20s"),
     straggler: Optional[list[str]] = typer.Option(
         None, "--straggler", help="slow a worker: 3:2.0 | *:jitter=0.5 | 3:1.0@20s | 0:3.0@clock=500 (repeatable)"),
     host: Optional[str] = typer.Option(None, help="address servers bind to (default loopback)"),
@@ -68,6 +73,8 @@ def train(
         "train.epochs": epochs, "train.target_accuracy": target_accuracy,
         "train.stop_at_target": stop_at_target, "train.seed": seed,
         "faults.stragglers": straggler or None,
+        "faults.kills": kill or None, "faults.down_s": _seconds(down) if down else None,
+        "recovery.strategy": recovery, "recovery.every_updates": checkpoint_every,
         "out": str(out) if out else None, "name": name,
         "tensorboard": str(tensorboard) if tensorboard else None,
         "progress": False if quiet else None,
@@ -87,6 +94,13 @@ def train(
         _fail(f"interrupted; partial results in {job.run_dir}", code=130)
     _print_table([summary])
     console.print(f"run directory: {summary['run_dir']}")
+
+
+def _seconds(text: str) -> float:
+    try:
+        return float(text.removesuffix("s"))
+    except ValueError:
+        _fail(f"--down takes a duration like 20s, got {text!r}")
 
 
 def _print_table(summaries: list[dict]) -> None:

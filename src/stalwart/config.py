@@ -125,14 +125,43 @@ class TrainConfig(_Section):
 class FaultsConfig(_Section):
     # Straggler rules such as "3:2.0" or "*:jitter=0.5"; see stalwart.faults.stragglers.
     stragglers: list[str] = []
+    # Kill rules such as "server:0@30s" or "worker:1@clock=200"; see stalwart.faults.kills.
+    kills: list[str] = []
+    # How long a killed role stays down before it is restarted; None: it stays dead.
+    down_s: float | None = Field(None, ge=0)
 
     @field_validator("stragglers")
     @classmethod
-    def _parse(cls, value: list[str]) -> list[str]:
+    def _parse_stragglers(cls, value: list[str]) -> list[str]:
         from .faults import parse_straggler
         for spec in value:
             parse_straggler(spec)
         return value
+
+    @field_validator("kills")
+    @classmethod
+    def _parse_kills(cls, value: list[str]) -> list[str]:
+        from .faults import parse_kill
+        for spec in value:
+            parse_kill(spec)
+        return value
+
+
+class RecoveryConfig(_Section):
+    # none: a dead server ends the job. checkpoint: servers snapshot and persist their
+    # shard; a restarted server resumes from the newest valid checkpoint.
+    strategy: Literal["none", "checkpoint"] = "none"
+    every_updates: int | None = Field(200, ge=1, description="snapshot after this many updates")
+    every_s: float | None = Field(None, gt=0, description="...or after this many seconds")
+    keep: int = Field(3, ge=1, le=100, description="checkpoint files kept per shard")
+    dir: Path | None = Field(None, description="default: <run dir>/checkpoints")
+    reconnect_s: float = Field(60.0, gt=0, le=3600, description="how long workers wait for a server")
+
+    @model_validator(mode="after")
+    def _has_a_trigger(self) -> "RecoveryConfig":
+        if self.strategy == "checkpoint" and self.every_updates is None and self.every_s is None:
+            raise ValueError("checkpoint recovery needs every_updates or every_s")
+        return self
 
 
 class JobConfig(_Section):
@@ -143,6 +172,7 @@ class JobConfig(_Section):
     sync: SyncConfig = SyncConfig()
     train: TrainConfig = TrainConfig()
     faults: FaultsConfig = FaultsConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
     out: Path = Path("runs")
     name: str | None = None
     tensorboard: Path | None = None
@@ -173,13 +203,23 @@ class JobConfig(_Section):
         return cls.validate_dict(data)
 
     @model_validator(mode="after")
-    def _stragglers_name_real_workers(self) -> "JobConfig":
-        from .faults import parse_straggler
+    def _faults_name_real_roles(self) -> "JobConfig":
+        from .faults import parse_kill, parse_straggler
         for spec in self.faults.stragglers:
             worker = parse_straggler(spec).worker
             if worker is not None and worker >= self.cluster.workers:
                 raise ValueError(f"straggler {spec!r} names worker {worker}, but the job has "
                                  f"{self.cluster.workers} workers (0..{self.cluster.workers - 1})")
+        for spec in self.faults.kills:
+            rule = parse_kill(spec)
+            count = self.cluster.workers if rule.role == "worker" else self.cluster.servers
+            if rule.index >= count:
+                raise ValueError(f"kill {spec!r} names {rule.role} {rule.index}, but the job has "
+                                 f"{count} {rule.role}s (0..{count - 1})")
+            restarts = rule.down_s is not None or self.faults.down_s is not None
+            if rule.role == "worker" and restarts and self.sync.policy.startswith("elastic"):
+                raise ValueError(f"kill {spec!r}: restarting a worker is not supported under ElasticBSP "
+                                 f"(a rejoining worker is not in the barrier plan); kill it without a restart")
         return self
 
     @classmethod

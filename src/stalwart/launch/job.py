@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..config import JobConfig
 from ..data import load_dataset
+from ..faults import FaultInjector, parse_kill
 from ..layout import ParameterLayout
 from ..metrics import EventLog
 from ..metrics.progress import Progress
@@ -95,15 +96,24 @@ class Job:
             raise KeyboardInterrupt(error)
         return self.summary
 
+    @staticmethod
+    def _global_clock(control) -> int | None:
+        """The slowest live worker's iteration count, from its heartbeats."""
+        clocks = [m["stats"]["clock"] for m in control.call("status")["members"]
+                  if m["role"] == "worker" and m["alive"] and (m.get("stats") or {}).get("clock") is not None]
+        return min(clocks) if clocks else None
+
     # --- the driver loop -----------------------------------------------------------
     def _drive(self, cluster: Cluster, model, ds, log: EventLog, progress: Progress) -> str:
-        from ..worker.client import ParameterClient
+        from ..worker.client import ParameterClient, ServerError
         from ..worker.evaluator import Evaluator
         c = self.config
 
         def check(exits: list[Exit]) -> None:
             for e in exits:
                 log.emit("role_exit", member_role=e.role, member_index=e.index, returncode=e.returncode)
+                if injector.expects_exit(e.role, e.index):
+                    continue  # killed on purpose: the job goes on
                 if e.returncode == 0 and e.role == "worker":
                     finished.add(e.index)
                 elif e.returncode != 0 or not shutting_down:
@@ -113,11 +123,15 @@ class Job:
         finished: set[int] = set()
         shutting_down = False
         launcher, spec, token = cluster.launcher, cluster.spec, cluster.token
+        injector = FaultInjector([parse_kill(k) for k in c.faults.kills], launcher, log, c.faults.down_s)
         try:
             control, shards = cluster.connect("driver", check)
         except ClusterError as exc:
             raise JobFailed(str(exc)) from None
-        client = ParameterClient(shards, spec.bounds, token, transport=c.cluster.transport)
+        # The driver must never block long on a dead server: it is the one that restarts it.
+        client = ParameterClient(shards, spec.bounds, token, transport=c.cluster.transport,
+                                 resolve=lambda: control.shard_map(timeout_s=0.5),
+                                 reconnect_s=0.25 if c.recovery.strategy != "none" else 0.0)
         evaluator = Evaluator(model, ds.x_test, ds.y_test, client)
 
         tensorboard = TensorBoardSink(c.tensorboard) if c.tensorboard is not None else None
@@ -131,14 +145,31 @@ class Job:
         reason = None
         next_eval = t_start
         while reason is None:
-            check(launcher.wait(max(0.0, next_eval - time.monotonic())))
+            now = time.monotonic()
+            wake = min(next_eval, t_start + injector.next_due_s())
+            if injector.waiting_on_clock():
+                wake = min(wake, now + 0.1)
+            check(launcher.wait(max(0.0, wake - now)))
             if len(finished) == c.cluster.workers:
                 reason = "every worker finished its epochs"
                 break
+            if injector.rules:
+                clock = self._global_clock(control) if injector.waiting_on_clock() else None
+                for role, index in injector.tick(time.monotonic() - t_start, clock):
+                    if role == "server" and c.recovery.strategy == "none":
+                        raise JobFailed(f"server {index} was killed (fault injection) and recovery is 'none': "
+                                        f"training cannot go on; use --recovery checkpoint")
             if time.monotonic() < next_eval:
                 continue
             next_eval += c.train.eval_interval_s
-            result = evaluator.evaluate()
+            try:
+                result = evaluator.evaluate()
+            except (ConnectionError, OSError, ServerError) as exc:
+                elapsed = time.monotonic() - t_start
+                log.emit("eval_skipped", elapsed_s=elapsed, reason=str(exc))
+                if c.train.duration_s is not None and elapsed >= c.train.duration_s:
+                    reason = f"duration of {c.train.duration_s:g}s reached"
+                continue
             elapsed = time.monotonic() - t_start
             log.emit("eval", elapsed_s=elapsed, **result)
             workers = [m for m in control.call("status")["members"] if m["role"] == "worker"]
@@ -158,12 +189,17 @@ class Job:
         check(launcher.wait_for(workers, STOP_TIMEOUT_S))
         if workers & set(launcher.running()):
             raise JobFailed(f"workers did not stop within {STOP_TIMEOUT_S}s of being asked")
-        result = evaluator.evaluate()
         elapsed = time.monotonic() - t_start
-        log.emit("eval", elapsed_s=elapsed, final=True, **result)
-        progress.update(elapsed, result, [], None)
+        try:
+            result = evaluator.evaluate()
+        except (ConnectionError, OSError, ServerError) as exc:
+            log.emit("eval_skipped", elapsed_s=elapsed, final=True, reason=str(exc))
+        else:
+            log.emit("eval", elapsed_s=elapsed, final=True, **result)
+            progress.update(elapsed, result, [], None)
+            if tensorboard is not None:
+                tensorboard.add(elapsed, result, None)
         if tensorboard is not None:
-            tensorboard.add(elapsed, result, None)
             tensorboard.close()
         client.close()
         shutting_down = True

@@ -15,6 +15,15 @@ def label_of(summary: dict) -> str:
             f" ({Path(summary['run_dir']).name})")
 
 
+def mark_kill(ax, kill: dict) -> None:
+    """A red line at the kill, a green one at the restart, a label naming the role."""
+    ax.axvline(kill["at_s"], color="tab:red", ls="--", lw=1)
+    ax.annotate(f"kill {kill['role']} {kill['index']}", (kill["at_s"], 0.02), rotation=90, fontsize=7,
+                color="tab:red", xytext=(2, 0), textcoords="offset points")
+    if kill.get("restarted_at_s") is not None:
+        ax.axvline(kill["restarted_at_s"], color="tab:green", ls=":", lw=1)
+
+
 def plot_runs(summaries: list[dict], out: Path) -> Path:
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
     for s in summaries:
@@ -24,6 +33,8 @@ def plot_runs(summaries: list[dict], out: Path) -> Path:
         ax_loss.plot(xs, [p["loss"] for p in s["curve"]], label=label)
         if s.get("target_accuracy") is not None and len(summaries) == 1:
             ax_acc.axhline(s["target_accuracy"], color="grey", ls=":", lw=1)
+        for k in s.get("kills", []) if len(summaries) == 1 else []:
+            mark_kill(ax_acc, k)
     ax_acc.set(xlabel="wall time since training started (s)", ylabel="test accuracy", ylim=(0, 1))
     ax_loss.set(xlabel="wall time since training started (s)", ylabel="test loss")
     for ax in (ax_acc, ax_loss):

@@ -32,6 +32,37 @@ def _barrier_accuracy(barriers: list[dict]) -> dict[str, Any]:
             "zipline_s": sum(b["zipline_s"] for b in barriers) / len(barriers)}
 
 
+def _kills(events: list[dict], start_t: float | None) -> tuple[list[dict], int]:
+    """Each injected kill with its restart and recovery; and the updates lost in all.
+
+    ``recovered_s``: seconds from the kill until updates were applied again through the
+    killed role: for a server, its replacement's first update; for a worker, the first
+    update any server applied after losing it. ``lost_updates``: for a server kill, the
+    newest version a worker saw acknowledged by that shard before it died, minus the
+    version its replacement resumed from.
+    """
+    kills, lost_total = [], 0
+    for k in (e for e in events if e["event"] == "kill"):
+        role, index, t = k["member_role"], k["member_index"], k["t"]
+        after = [e for e in events if e["t"] > t]
+        restart = next((e for e in after if e["event"] == "restart" and e["member_role"] == role
+                        and e["member_index"] == index), None)
+        resumed = next((e for e in after if e["event"] == "updates_resumed"
+                        and (role == "worker" or (e["role"] == "server" and e["index"] == index))), None)
+        entry = {"role": role, "index": index, "at_s": k["at_s"], "rule": k.get("rule"),
+                 "down_s": k.get("down_s"), "restarted_at_s": restart["at_s"] if restart else None,
+                 "recovered_s": (resumed["t"] - t) if resumed else None}
+        if role == "server":
+            acked = [e["last_acked_version"] for e in after if e["event"] == "reconnected" and e["shard"] == index]
+            restored = next((e["version"] for e in after if e["event"] == "restored"
+                             and e["role"] == "server" and e["index"] == index), 0)
+            entry["resumed_version"] = restored
+            entry["lost_updates"] = max(0, max(acked) - restored) if acked else None
+            lost_total += entry["lost_updates"] or 0
+        kills.append(entry)
+    return kills, lost_total
+
+
 def summarize(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     events = list(read_events(run_dir))
@@ -50,6 +81,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     waits = [s.get("wait_s") or [] for s in servers.values()]
     wait_per_worker = [max(w[i] for w in waits if len(w) > i) for i in range(max(map(len, waits), default=0))]
     barriers = by("barrier")
+    kills, lost_updates = _kills(events, start[0]["t"] if start else None)
     staleness = sum(s.get("staleness_sum", 0) for s in servers.values())
     return {
         "run_dir": str(run_dir),
@@ -82,6 +114,9 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "straggler_delay_s": sum(w.get("delay_s", 0.0) for w in workers),
         "wait_s_per_worker": wait_per_worker,
         "barriers": len(barriers),
+        "recovery": config.get("recovery", {}).get("strategy", "none"),
+        "kills": kills,
+        "lost_updates": lost_updates,
         **_barrier_accuracy(barriers),
         "curve": curve,
     }

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 from ..control import CoordinatorClient
 from ..metrics import EventLog
+from ..recovery import Checkpointer
 from ..sync import parse_policy
 from ..transport import get_transport
 from .optim import build_optimizer
@@ -21,9 +23,16 @@ def run_server(spec, index: int) -> int:
     optimizer = build_optimizer(o.name, size, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                 weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
     policy = parse_policy(job.sync.policy)(job.cluster.workers, size, leader=index == 0)
+    checkpointer = None
+    if job.recovery.strategy == "checkpoint":
+        r = job.recovery
+        checkpointer = Checkpointer(r.dir or Path(spec.run_dir) / "checkpoints", index, log,
+                                    every_updates=r.every_updates, every_s=r.every_s, keep=r.keep)
     listener = get_transport(job.cluster.transport).listen(job.cluster.host, 0)
     server = ParameterServer(listener, token, log, shard=index, size=size, optimizer=optimizer,
-                             policy=policy, workers=job.cluster.workers)
+                             policy=policy, workers=job.cluster.workers, checkpointer=checkpointer)
+    if checkpointer is not None and (loaded := checkpointer.load_newest()) is not None:
+        server.restore(*loaded)
     done = threading.Event()
     control = CoordinatorClient(spec.coordinator, token, "server", index)
 
@@ -40,6 +49,8 @@ def run_server(spec, index: int) -> int:
     serve_until(server, done)
     if control.lost.is_set() and control.state != "shutdown":
         log.emit("coordinator_lost")
+    if checkpointer is not None:
+        checkpointer.close()
     control.close()
     log.close()
     return 0

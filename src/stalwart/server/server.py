@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from ..transport import NO_WORKER, Flag, Frame, Kind, ProtocolError
 from ..transport.base import Listener
 from ..transport.service import FrameService, Session
 from .optim import ServerOptimizer
+
+if TYPE_CHECKING:
+    from ..recovery import Checkpointer
 
 
 class ReadWriteLock:
@@ -66,7 +69,8 @@ class ReadWriteLock:
 
 class ParameterServer(FrameService):
     def __init__(self, listener: Listener, token: bytes, log: EventLog, *, shard: int, size: int,
-                 optimizer: ServerOptimizer, policy: SyncPolicy, workers: int):
+                 optimizer: ServerOptimizer, policy: SyncPolicy, workers: int,
+                 checkpointer: "Checkpointer | None" = None):
         super().__init__(listener, token, log)
         self.shard, self.size, self.workers = shard, size, workers
         self.optimizer, self.policy = optimizer, policy
@@ -81,6 +85,10 @@ class ParameterServer(FrameService):
         self.stats = {"pushes": 0, "pulls": 0, "bytes_in": 0, "bytes_out": 0, "rejected": 0,
                       "staleness_sum": 0, "staleness_max": 0}
         self.wait_s = [0.0] * workers  # seconds each worker's pulls spent held at the gate
+        self.checkpointer = checkpointer
+        # After a (re)start or a lost worker, the next applied update is logged: the
+        # moment training through this shard resumed.
+        self._resume_reason: str | None = "start"
 
     # --- wire ----------------------------------------------------------------------
     def payload_sink(self, session: Session, frame: Frame) -> memoryview | None:
@@ -140,7 +148,9 @@ class ParameterServer(FrameService):
                 self._state.notify_all()
                 self.log.emit("initialized", shard=self.shard, source_worker=frame.worker)
             version = self.version
-        session.conn.send(Frame(Kind.PUSH_ACK, shard=self.shard, clock=version))
+            resume = self.policy.join(frame.worker) if frame.worker != NO_WORKER else 0
+        # A worker (re)joining learns the clock to continue from.
+        session.conn.send(Frame(Kind.PUSH_ACK, shard=self.shard, clock=version, meta={"resume_clock": resume}))
 
     def _on_push(self, session: Session, frame: Frame) -> None:
         try:
@@ -179,6 +189,33 @@ class ParameterServer(FrameService):
             self.optimizer.step(self.params, update, lr_scale=self.policy.lr_scale())
             self.version += 1
         self._state.notify_all()
+        if self._resume_reason is not None:
+            self.log.emit("updates_resumed", shard=self.shard, after=self._resume_reason, version=self.version)
+            self._resume_reason = None
+        if self.checkpointer is not None and self.checkpointer.due(self.version):
+            # Writers need _state, which we hold: the snapshot is a consistent state.
+            arrays, scalars = self._state_arrays()
+            self.checkpointer.snapshot(self.version, arrays, scalars)
+
+    def _state_arrays(self) -> tuple[dict[str, np.ndarray], dict]:
+        state = self.optimizer.state_dict()
+        arrays = {"params": self.params, **{f"opt.{k}": v for k, v in state.items() if isinstance(v, np.ndarray)}}
+        return arrays, {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
+
+    def restore(self, version: int, arrays: dict[str, np.ndarray], scalars: dict) -> None:
+        """Resume from a checkpoint: parameters, optimizer state and version."""
+        params = arrays.get("params")
+        if params is None or params.shape != self.params.shape or params.dtype != self.params.dtype:
+            raise ValueError(f"checkpoint holds {None if params is None else params.shape} parameters; "
+                             f"shard {self.shard} holds {self.params.shape}")
+        with self._state:
+            np.copyto(self.params, params)
+            self.optimizer.load_state_dict({**scalars, **{k.removeprefix("opt."): v for k, v in arrays.items()
+                                                         if k.startswith("opt.")}})
+            self.version = version
+            self.initialized = True
+            self._state.notify_all()
+        self.log.emit("restored", shard=self.shard, version=version)
 
     def _on_pull(self, session: Session, frame: Frame) -> None:
         observer = frame.worker == NO_WORKER or frame.flags & Flag.ASYNC_PULL
@@ -187,6 +224,9 @@ class ParameterServer(FrameService):
             return self._reject(session, frame, f"PULL hint must be a map, got {type(hint).__name__}")
         arrived = time.monotonic()
         with self._state:
+            if frame.worker == NO_WORKER and not self.initialized:
+                # An observer (the evaluator) must not hang on a server restarted empty.
+                return self._reject(session, frame, f"shard {self.shard} holds no parameters yet")
             if not observer:
                 try:
                     self.policy.on_pull(frame.worker, frame.clock, hint, arrived)
@@ -234,6 +274,8 @@ class ParameterServer(FrameService):
 
     def on_disconnect(self, session: Session) -> None:
         if session.worker is not None and session.worker != NO_WORKER and not session.data.get("left"):
+            with self._state:
+                self._resume_reason = self._resume_reason or "worker_lost"
             self._leave(session.worker, "worker_lost")
 
     # --- lifecycle -----------------------------------------------------------------
@@ -249,6 +291,8 @@ class ParameterServer(FrameService):
             pushes = self.stats["pushes"]
             return {"version": self.version, "initialized": self.initialized, **self.stats,
                     "wait_s": [round(w, 4) for w in self.wait_s],
+                    **({f"checkpoint_{k}": v for k, v in self.checkpointer.stats.items()}
+                       if self.checkpointer is not None else {}),
                     "staleness_mean": self.stats["staleness_sum"] / pushes if pushes else 0.0}
 
 

@@ -57,6 +57,11 @@ class SyncPolicy(ABC):
         """What the leader asks ``worker`` to relay to every shard, or None."""
         return None
 
+    def join(self, worker: int) -> int:
+        """``worker`` (re)joins the job: wait for it again; returns the clock it pushes next."""
+        self.active.add(worker)
+        return self.clocks.get(worker, -1) + 1
+
     def lr_scale(self) -> float:
         """Scale of the learning rate for the update just returned by ``on_push``.
 
@@ -89,6 +94,7 @@ class ApplyEveryPush(SyncPolicy):
 
     def on_push(self, worker: int, clock: int, grad: np.ndarray, now: float = 0.0) -> np.ndarray | None:
         self.clocks[worker] = max(clock, self.clocks.get(worker, -1))
+        self.active.add(worker)  # a worker that left and came back is waited for again
         self.on_timed_push(worker, clock, now)
         return grad
 

@@ -4,6 +4,12 @@ The server sums the gradients of clock ``c`` from every active worker, applies t
 mean as one update, and only then lets any worker pull for clock ``c + 1``. A worker
 that leaves (finished, or lost) stops being waited for; if its absence completes the
 barrier, the mean of those who did push is applied.
+
+A server that restarts (after a crash) knows no clock. Until its first barrier
+completes it follows the workers: a push for a later clock than the one collected
+proves that the earlier barrier completed before the crash, so the collection moves
+forward to it (the partial sum, part of the lost state, is dropped); a push for an
+earlier clock is such a completed barrier's late resend, counted as done.
 """
 
 from __future__ import annotations
@@ -22,8 +28,13 @@ class BSP(SyncPolicy):
         self.done_clock = -1        # the last clock whose barrier completed
         self.pushed: set[int] = set()
         self._sum = np.zeros(shard_size, dtype=np.float32)
+        self.synced = False  # becomes True with the first completed barrier
 
     def on_push(self, worker: int, clock: int, grad: np.ndarray, now: float = 0.0) -> np.ndarray | None:
+        if not self.synced and clock > self.clock:
+            self.clock, self.done_clock, self.pushed = clock, clock - 1, set()
+        elif not self.synced and clock < self.clock:
+            return None
         if clock != self.clock:
             raise SyncError(f"worker {worker} pushed clock {clock} while the barrier "
                             f"collects clock {self.clock}")
@@ -42,10 +53,15 @@ class BSP(SyncPolicy):
         if not self.pushed or not self.active <= self.pushed:
             return None
         self._sum *= np.float32(1.0 / len(self.pushed))
+        self.synced = True
         self.done_clock = self.clock
         self.clock += 1
         self.pushed = set()
         return self._sum
+
+    def join(self, worker: int) -> int:
+        self.active.add(worker)
+        return self.clock  # the barrier being collected now waits for it too
 
     def may_proceed(self, worker: int, clock: int) -> bool:
         return self.done_clock >= clock

@@ -4,13 +4,26 @@ Requests to all shards go out before any reply is read, so the shards work in
 parallel without a thread per shard. Payloads are sent from, and received into, the
 caller's flat buffers (slices of one vector), so parameters land directly in the
 model's own storage.
+
+When a shard's connection breaks (its server died) and the client was given a way to
+find servers (``resolve``, the coordinator's shard map) and a time budget, it asks for
+the shard's current address and redials with bounded exponential backoff; on the new
+connection it offers its own parameters (a server restarted with no state of its own
+keeps the first offer; one restored from a checkpoint ignores it), resends the push it
+was making, and pulls. Each recovery is reported through ``on_event``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+import time
+from typing import Callable
+
 from ..transport import NO_WORKER, Connection, Flag, Frame, Kind, ProtocolError, dial
+
+BACKOFF_FIRST_S = 0.02
+BACKOFF_MAX_S = 1.0
 
 
 class ServerError(RuntimeError):
@@ -21,17 +34,24 @@ class JobStopping(Exception):
     """The servers say the job is stopping: finish up, do not wait for more."""
 
 
+class ServerUnavailable(ConnectionError):
+    """A shard's server could not be reached again within the reconnect budget."""
+
+
 class ParameterClient:
     def __init__(self, shards: list[str], bounds: list[int], token: bytes, *,
-                 worker: int = NO_WORKER, transport: str = "tcp", timeout: float = 10.0):
+                 worker: int = NO_WORKER, transport: str = "tcp", timeout: float = 10.0,
+                 resolve: Callable[[], list[str]] | None = None, reconnect_s: float = 0.0,
+                 on_event: Callable[..., None] | None = None):
         if len(bounds) != len(shards) + 1:
             raise ValueError(f"{len(shards)} shards need {len(shards) + 1} bounds, got {len(bounds)}")
         self.worker, self.bounds = worker, bounds
+        self.token, self.transport, self.timeout = token, transport, timeout
+        self.resolve, self.reconnect_s, self.on_event = resolve, reconnect_s, on_event
         self.conns: list[Connection] = []
         try:
             for s, address in enumerate(shards):
-                self.conns.append(dial(address, token, transport, timeout,
-                                       max_payload=(bounds[s + 1] - bounds[s]) * 4))
+                self.conns.append(self._dial(s, address))
         except BaseException:
             self.close()
             raise
@@ -42,6 +62,10 @@ class ParameterClient:
         # What the sync leader asked this worker to relay to every shard (see
         # stalwart.sync.base): taken from push acknowledgements, sent with pulls.
         self.hint: dict | None = None
+
+    def _dial(self, s: int, address: str) -> Connection:
+        return dial(address, self.token, self.transport, self.timeout,
+                    max_payload=(self.bounds[s + 1] - self.bounds[s]) * 4)
 
     @property
     def shards(self) -> int:
@@ -63,12 +87,17 @@ class ParameterClient:
             raise ProtocolError(f"shard {s} answered {frame.kind.name}, expected {expect.name}")
         return frame
 
-    def init(self, params: np.ndarray) -> None:
-        """Offer initial parameters; each shard keeps the first offer it gets."""
+    def init(self, params: np.ndarray) -> int:
+        """Offer initial parameters (each shard keeps the first offer it gets); returns
+        the clock to continue from (0 for a new job, later for a worker that rejoins)."""
         for s, view in enumerate(self._views(params)):
             self.conns[s].send(Frame(Kind.INIT, shard=s, worker=self.worker), view)
+        resume = 0
         for s in range(self.shards):
-            self._recv(s, Kind.PUSH_ACK)
+            ack = self._recv(s, Kind.PUSH_ACK)
+            clock = (ack.meta or {}).get("resume_clock", 0)
+            resume = max(resume, clock if type(clock) is int and clock >= 0 else 0)
+        return resume
 
     def push_pull(self, grad: np.ndarray | None, params: np.ndarray | None, clock: int,
                   wait: bool = True) -> list[int]:
@@ -81,25 +110,76 @@ class ParameterClient:
         targets = self._views(params) if params is not None else None
         self.seq += 1
         pull_meta = {"hint": self.hint} if self.hint is not None and wait else None
-        for s, conn in enumerate(self.conns):
-            if grads is not None:
-                conn.send(Frame(Kind.PUSH, shard=s, worker=self.worker, seq=self.seq, clock=clock), grads[s])
-            if targets is not None:
-                conn.send(Frame(Kind.PULL, shard=s, worker=self.worker, seq=self.seq, clock=clock,
-                                flags=0 if wait else Flag.ASYNC_PULL, meta=pull_meta))
+        broken: set[int] = set()
+        for s in range(self.shards):
+            try:
+                self._send(s, grads, targets, clock, wait, pull_meta)
+            except (ConnectionError, OSError):
+                broken.add(s)
         hint = None
         for s in range(self.shards):
-            if grads is not None:
-                ack = self._recv(s, Kind.PUSH_ACK)
-                self.versions[s] = ack.clock
-                hint = (ack.meta or {}).get("hint", hint)
-                self.bytes_pushed += grads[s].nbytes
-            if targets is not None:
-                self.versions[s] = self._recv(s, Kind.PARAMS, targets[s]).clock
-                self.bytes_pulled += targets[s].nbytes
+            if s in broken:
+                continue
+            try:
+                hint = self._receive(s, grads, targets, hint)
+            except (ConnectionError, OSError):
+                broken.add(s)
+        for s in sorted(broken):
+            hint = self._recover(s, grads, targets, clock, wait, pull_meta, hint)
         if grads is not None:
             self.hint = hint
         return list(self.versions)
+
+    def _send(self, s: int, grads, targets, clock: int, wait: bool, pull_meta: dict | None) -> None:
+        conn = self.conns[s]
+        if grads is not None:
+            conn.send(Frame(Kind.PUSH, shard=s, worker=self.worker, seq=self.seq, clock=clock), grads[s])
+        if targets is not None:
+            conn.send(Frame(Kind.PULL, shard=s, worker=self.worker, seq=self.seq, clock=clock,
+                            flags=0 if wait else Flag.ASYNC_PULL, meta=pull_meta))
+
+    def _receive(self, s: int, grads, targets, hint: dict | None) -> dict | None:
+        if grads is not None:
+            ack = self._recv(s, Kind.PUSH_ACK)
+            self.versions[s] = ack.clock
+            hint = (ack.meta or {}).get("hint", hint)
+            self.bytes_pushed += grads[s].nbytes
+        if targets is not None:
+            self.versions[s] = self._recv(s, Kind.PARAMS, targets[s]).clock
+            self.bytes_pulled += targets[s].nbytes
+        return hint
+
+    def _recover(self, s: int, grads, targets, clock: int, wait: bool, pull_meta: dict | None,
+                 hint: dict | None) -> dict | None:
+        """Shard ``s``'s connection broke: find its server again and redo this request there."""
+        self.conns[s].close()
+        if self.resolve is None or self.reconnect_s <= 0:
+            raise ServerUnavailable(f"lost the connection to shard {s} and reconnecting is off "
+                                    f"(recovery strategy none)")
+        last_acked = self.versions[s]
+        t0 = time.monotonic()
+        delay, attempts = BACKOFF_FIRST_S, 0
+        while True:
+            attempts += 1
+            try:
+                self.conns[s] = self._dial(s, self.resolve()[s])
+                if self.worker != NO_WORKER and targets is not None:
+                    self.conns[s].send(Frame(Kind.INIT, shard=s, worker=self.worker), targets[s])
+                    self._recv(s, Kind.PUSH_ACK)
+                self._send(s, grads, targets, clock, wait, pull_meta)
+                hint = self._receive(s, grads, targets, hint)
+                break
+            except (ConnectionError, OSError):
+                self.conns[s].close()
+            if time.monotonic() - t0 + delay > self.reconnect_s:
+                raise ServerUnavailable(f"shard {s} did not come back within {self.reconnect_s:g}s "
+                                        f"({attempts} attempts)")
+            time.sleep(delay)  # backoff between attempts to reach a restarting server
+            delay = min(2 * delay, BACKOFF_MAX_S)
+        if self.on_event is not None:
+            self.on_event("reconnected", shard=s, attempts=attempts, waited_s=round(time.monotonic() - t0, 4),
+                          last_acked_version=last_acked, server_version=self.versions[s])
+        return hint
 
     def push(self, grad: np.ndarray, clock: int) -> list[int]:
         return self.push_pull(grad, None, clock)

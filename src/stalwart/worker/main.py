@@ -9,12 +9,12 @@ import time
 import numpy as np
 import torch
 
-from ..control import CoordinatorClient
+from ..control import CoordinatorClient, CoordinatorError
 from ..data import load_dataset, shard_indices
 from ..faults import Straggler, parse_straggler
 from ..metrics import EventLog
 from ..models import build_model
-from .client import JobStopping, ParameterClient
+from .client import JobStopping, ParameterClient, ServerUnavailable
 from .optimizer import ParameterServerOptimizer
 
 
@@ -38,8 +38,19 @@ def run_worker(spec, index: int) -> int:
     control.register()
     control.start_heartbeats(job.cluster.heartbeat_s, stats=lambda: dict(progress),
                              on_state=lambda state: state != "running" and stopping.set())
+    def resolve() -> list[str]:
+        """The shard map, for reconnecting to a restarted server."""
+        try:
+            return control.shard_map(timeout_s=1.0)
+        except CoordinatorError as exc:
+            if control.state != "running":
+                raise JobStopping() from None
+            raise ConnectionError(str(exc)) from None
+
+    recovering = job.recovery.strategy != "none"
     client = ParameterClient(control.shard_map(), spec.bounds, token, worker=index,
-                             transport=job.cluster.transport)
+                             transport=job.cluster.transport, resolve=resolve,
+                             reconnect_s=job.recovery.reconnect_s if recovering else 0.0, on_event=log.emit)
     opt = ParameterServerOptimizer(model, client=client)
     log.emit("worker_start", examples=len(y), batch=batch, iterations_per_epoch=per_epoch, limit=limit)
 
@@ -48,7 +59,7 @@ def run_worker(spec, index: int) -> int:
     loss_fn = torch.nn.CrossEntropyLoss()
     compute_s = comm_s = 0.0
     window: list[float] = []
-    reason = "finished"
+    reason, status = "finished", 0
     order = rng.permutation(len(y))
     first_step = None
     try:
@@ -86,6 +97,9 @@ def run_worker(spec, index: int) -> int:
                 window.clear()
     except JobStopping:
         reason = "job stopping"
+    except ServerUnavailable as exc:
+        reason = f"server unavailable: {exc}"
+        status = 1
     finally:
         log.emit("worker_stop", reason=reason, iterations=opt.clock, compute_s=compute_s, comm_s=comm_s,
                  delay_s=straggler.delay_s,
@@ -93,4 +107,4 @@ def run_worker(spec, index: int) -> int:
         opt.close()
         control.close()
         log.close()
-    return 0
+    return status

@@ -68,7 +68,7 @@ class ParameterServerOptimizer:
         self._started = False
 
     def _start(self) -> None:
-        self.client.init(self.flat.params_np)
+        self.clock = self.client.init(self.flat.params_np)
         self.version = min(self.client.pull(self.flat.params_np, wait=False))
         self._started = True
 

@@ -1,0 +1,5 @@
+"""Recovery strategies: how a server's state survives the server."""
+
+from .checkpoint import CheckpointError, Checkpointer
+
+__all__ = ["CheckpointError", "Checkpointer"]

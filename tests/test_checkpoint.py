@@ -1,0 +1,87 @@
+"""Checkpoint files: atomic, checksummed, versioned; bad ones detected and skipped."""
+
+import numpy as np
+import pytest
+
+from stalwart.metrics import EventLog
+from stalwart.recovery import CheckpointError, Checkpointer
+from stalwart.recovery.checkpoint import decode, encode
+
+from helpers import events
+
+
+def state(value, size=8):
+    return {"params": np.full(size, value, np.float32), "opt.buf": np.full(size, -value, np.float32)}
+
+
+def raw(shard=0, version=5, value=1.0):
+    return b"".join(bytes(p) for p in encode(shard, version, state(value), {"steps": 7}))
+
+
+def test_roundtrip():
+    version, arrays, scalars = decode(raw(version=42, value=3.0), shard=0)
+    assert version == 42 and scalars == {"steps": 7}
+    np.testing.assert_array_equal(arrays["params"], np.full(8, 3.0, np.float32))
+    np.testing.assert_array_equal(arrays["opt.buf"], np.full(8, -3.0, np.float32))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:-1], "checksum mismatch"),
+    (lambda b: b[:80], "checksum mismatch"),
+    (lambda b: b[:40], "truncated"),
+    (lambda b: b[:60] + bytes([b[60] ^ 0xFF]) + b[61:], "checksum mismatch"),
+])
+def test_damaged_files_are_refused(damage, message):
+    with pytest.raises(CheckpointError, match=message):
+        decode(damage(raw()), shard=0)
+
+
+def test_a_file_of_another_shard_is_refused():
+    with pytest.raises(CheckpointError, match="holds shard 1, not shard 0"):
+        decode(raw(shard=1), shard=0)
+
+
+def make(tmp_path, keep=2):
+    log = EventLog.for_role(tmp_path, "server", 0)
+    return Checkpointer(tmp_path / "ckpt", 0, log, every_updates=10, every_s=None, keep=keep), log
+
+
+def test_snapshots_are_persisted_keeping_the_last_few(tmp_path):
+    ck, _ = make(tmp_path, keep=2)
+    live = state(1.0)
+    for version in (10, 20, 30):
+        assert ck.due(version)
+        live["params"][:] = version
+        ck.snapshot(version, live, {"steps": version})
+        assert ck.flush()  # each one on disk before the next, so each gets a file
+        assert not ck.due(version + 5)
+    ck.close()
+    assert [p.name for p in ck.files()] == ["shard0-v000000000030.ckpt", "shard0-v000000000020.ckpt"]
+    assert not list((tmp_path / "ckpt").glob("*.tmp*"))
+    version, arrays, scalars = ck.load_newest()
+    assert version == 30 and scalars == {"steps": 30}
+    np.testing.assert_array_equal(arrays["params"], np.full(8, 30.0, np.float32))
+
+
+def test_a_snapshot_is_a_copy(tmp_path):
+    ck, _ = make(tmp_path)
+    live = state(1.0)
+    ck.snapshot(10, live, {"steps": 1})
+    live["params"][:] = 99.0  # training goes on while the file is written
+    ck.close(flush=True)
+    np.testing.assert_array_equal(ck.load_newest()[1]["params"], np.full(8, 1.0, np.float32))
+
+
+def test_a_corrupted_newest_file_is_skipped_for_the_one_before(tmp_path):
+    ck, log = make(tmp_path, keep=3)
+    ck.snapshot(10, state(1.0), {"steps": 1})
+    assert ck.flush()
+    ck.snapshot(20, state(2.0), {"steps": 2})
+    ck.close(flush=True)
+    newest = ck.files()[0]
+    newest.write_bytes(newest.read_bytes()[:-100])  # a torn write
+    version, arrays, _ = ck.load_newest()
+    assert version == 10
+    log.close()
+    (skipped,) = events(tmp_path, "checkpoint_skipped")
+    assert skipped["path"] == newest.name and "checksum" in skipped["reason"]

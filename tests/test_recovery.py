@@ -1,0 +1,103 @@
+"""Real SIGKILLs of real processes, and what each recovery strategy makes of them."""
+
+import numpy as np
+import pytest
+
+from stalwart.config import JobConfig
+from stalwart.launch import Job, JobFailed
+from stalwart.launch.cluster import Cluster
+from stalwart.metrics import EventLog
+from stalwart.recovery import Checkpointer
+from stalwart.worker.client import ParameterClient
+
+from helpers import events, pid_alive
+
+pytestmark = pytest.mark.integration
+
+
+def job(run_root, kills, recovery="checkpoint", down_s=0.5, duration=7, **extra):
+    return JobConfig.validate_dict({
+        "cluster": {"workers": 2, "servers": 2}, "sync": {"policy": "bsp"},
+        "data": {"dataset": "mnist1d", "samples": 4000},
+        "train": {"duration_s": duration, "target_accuracy": 0.5, "eval_interval_s": 0.5},
+        "faults": {"kills": kills, "down_s": down_s},
+        "recovery": {"strategy": recovery, "every_updates": 25},
+        "out": str(run_root), "progress": False, **extra})
+
+
+def only_run(run_root):
+    (run_dir,) = run_root.iterdir()
+    return run_dir
+
+
+def test_a_killed_server_resumes_from_its_checkpoint_and_training_goes_on(run_root):
+    summary = Job(job(run_root, ["server:0@2.5s"])).run()
+    assert summary["status"] == "completed" and summary["recovery"] == "checkpoint"
+    (kill,) = summary["kills"]
+    assert kill["role"] == "server" and kill["index"] == 0 and kill["restarted_at_s"] >= kill["at_s"] + 0.5
+    assert kill["recovered_s"] is not None and kill["recovered_s"] < 10
+    assert kill["resumed_version"] > 0                      # a checkpoint was taken and loaded
+    assert summary["updates_applied"] > kill["resumed_version"] + 10  # and training went on after it
+    # updates since the last persisted snapshot are lost, no more than a couple of intervals
+    assert 0 <= summary["lost_updates"] <= 2 * 25
+    run_dir = only_run(run_root)
+    reconnects = events(run_dir, "reconnected")
+    assert {e["index"] for e in reconnects} == {0, 1} and all(e["shard"] == 0 for e in reconnects)
+    assert all(e["attempts"] >= 1 and e["waited_s"] > 0 for e in reconnects)
+    assert events(run_dir, "checkpoint_loaded")
+    after = [p["accuracy"] for p in summary["curve"] if p["elapsed_s"] > kill["at_s"] + kill["recovered_s"]]
+    assert after and after[-1] > 0.5
+
+
+def test_without_recovery_a_server_kill_ends_the_job_with_a_clear_error(run_root):
+    config = job(run_root, ["server:1@1.5s"], recovery="none", down_s=None)
+    with pytest.raises(JobFailed, match="server 1 was killed \\(fault injection\\) and recovery is 'none'"):
+        Job(config).run()
+    run_dir = only_run(run_root)
+    assert (run_dir / "summary.json").exists()
+    pids = [e["pid"] for e in events(run_dir, "member_joined") if e.get("pid") and e["member_role"] != "driver"]
+    assert pids and not any(pid_alive(p) for p in pids)
+
+
+def test_a_killed_worker_restarts_and_rejoins_the_barrier(run_root):
+    summary = Job(job(run_root, ["worker:1@clock=40"], recovery="none", down_s=0.3)).run()
+    assert summary["status"] == "completed"
+    (kill,) = summary["kills"]
+    assert kill["role"] == "worker" and kill["restarted_at_s"] is not None
+    assert kill["recovered_s"] is not None and kill["recovered_s"] < 5  # the barrier stopped waiting for it
+    # the restarted worker continued from the barrier's clock, not from 0; the two differ
+    # only by what one did alone after the other noticed the stop (a heartbeat or so)
+    fast, rejoined = summary["iterations_per_worker"]
+    assert rejoined > 40 and abs(fast - rejoined) <= 30
+
+
+def test_a_restarted_server_skips_a_corrupted_newest_checkpoint(tmp_path):
+    size = 64
+    folder = tmp_path / "ckpt"
+    log = EventLog.for_role(tmp_path / "prep", "test", 0)
+    ck = Checkpointer(folder, 0, log, every_updates=1, every_s=None, keep=5)
+    ck.snapshot(10, {"params": np.full(size, 1.5, np.float32), "opt.buf": np.zeros(size, np.float32)}, {"steps": 10})
+    assert ck.flush()
+    ck.snapshot(20, {"params": np.full(size, 2.5, np.float32), "opt.buf": np.zeros(size, np.float32)}, {"steps": 20})
+    ck.close()
+    newest = ck.files()[0]
+    data = bytearray(newest.read_bytes())
+    data[100] ^= 0xFF  # one flipped bit pattern in the middle of the parameters
+    newest.write_bytes(bytes(data))
+
+    config = JobConfig.validate_dict({"cluster": {"workers": 1, "servers": 1}, "sync": {"policy": "asp"},
+                                      "recovery": {"strategy": "checkpoint", "dir": str(folder)},
+                                      "progress": False})
+    (tmp_path / "run").mkdir()
+    cluster = Cluster.start(config, tmp_path / "run", [0, size])
+    control, shards = cluster.connect("test")
+    try:
+        client = ParameterClient(shards, [0, size], cluster.token)
+        params = np.zeros(size, np.float32)
+        assert client.pull(params, wait=False) == [10]
+        np.testing.assert_array_equal(params, np.full(size, 1.5, np.float32))
+        client.close()
+    finally:
+        cluster.stop(control)
+    (skipped,) = events(tmp_path / "run", "checkpoint_skipped")
+    assert skipped["path"] == newest.name and "checksum" in skipped["reason"]
