@@ -177,6 +177,38 @@ def bench_pushpull(
     console.print(table)
 
 
+@bench_app.command("checkpoint")
+def bench_checkpoint(
+    params: list[str] = typer.Option(["1M", "10M"], "--params", "-p", help="model sizes"),
+    workers: int = typer.Option(4, "--workers", "-w", min=1),
+    every: int = typer.Option(200, help="snapshot every N updates (the default interval)"),
+    seconds: float = typer.Option(5.0, help="measuring time per run"),
+    repeats: int = typer.Option(3, min=1, help="alternating runs per mode (median reported)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Updates/s with and without checkpointing: the cost of surviving a server crash."""
+    from .bench.checkpoint import bench_checkpoint as run
+    from .bench.pushpull import parse_size
+
+    try:
+        sizes = [parse_size(p) for p in params]
+    except ValueError as exc:
+        _fail(str(exc))
+    rows = [run(size, workers, every, seconds, repeats) for size in sizes]
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    table = Table(title=f"checkpoint every {every} updates, {workers} workers, 1 server (median of {repeats})")
+    for col in ("params", "updates/s none", "updates/s checkpoint", "overhead", "snapshots",
+                "snapshot ms", "persist ms"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r['params']:,}", f"{r['updates_per_s_none']:.0f}", f"{r['updates_per_s_checkpoint']:.0f}",
+                      f"{100 * r['overhead']:+.1f}%", str(r["snapshots"]), _fmt(r["snapshot_ms"], 2),
+                      _fmt(r["persist_ms"], 1))
+    console.print(table)
+
+
 @bench_app.command("zipline")
 def bench_zipline(
     workers: int = typer.Option(1000, "--workers", "-n", min=1, help="rows: workers"),

@@ -22,6 +22,7 @@ import numpy as np
 from ..config import JobConfig
 from ..layout import ParameterLayout
 from ..launch.cluster import Cluster
+from ..metrics.events import read_events
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*$")
 
@@ -84,11 +85,13 @@ def _client(shards, bounds, token, worker, seconds, ready, go, results) -> None:
     client.close()
 
 
-def measure(params: int, workers: int, servers: int, transport: str, seconds: float) -> dict:
+def measure(params: int, workers: int, servers: int, transport: str, seconds: float,
+             extra: dict | None = None) -> dict:
+    """One configuration; ``extra`` adds config sections (e.g. a recovery strategy)."""
     config = JobConfig.validate_dict({
         "cluster": {"workers": workers, "servers": servers, "transport": transport},
         "sync": {"policy": "asp"}, "optimizer": {"name": "sgd", "lr": 1e-6, "momentum": 0.0},
-        "progress": False})
+        "progress": False, **(extra or {})})
     bounds = ParameterLayout([("weight", (params,))]).shard_bounds(servers)
     with tempfile.TemporaryDirectory(prefix="stalwart-bench-") as run_dir:
         cluster = Cluster.start(config, Path(run_dir), bounds)
@@ -110,13 +113,15 @@ def measure(params: int, workers: int, servers: int, transport: str, seconds: fl
                 p.join(30)
         finally:
             cluster.stop(control)
+        server_stats = [e for e in read_events(Path(run_dir)) if e["event"] == "server_stop"]
     rounds = sum(r[1] for r in rows)
     elapsed = max(r[2] for r in rows)
     moved = sum(r[3] for r in rows)
     return {"params": params, "workers": workers, "servers": servers, "transport": transport,
             "round_trips": rounds, "seconds": elapsed,
             "ms_per_round": 1000 * elapsed * workers / rounds if rounds else None,
-            "mb_per_s": moved / elapsed / 1e6}
+            "mb_per_s": moved / elapsed / 1e6, "updates_per_s": rounds / elapsed,
+            "server_stats": server_stats}
 
 
 def run_pushpull(sizes: list[int], workers: list[int], servers: list[int], transport: str = "tcp",
@@ -127,6 +132,7 @@ def run_pushpull(sizes: list[int], workers: list[int], servers: list[int], trans
         for s in servers:
             for w in workers:
                 row = measure(size, w, s, transport, seconds)
+                del row["server_stats"]
                 row["limit_mb_per_s"] = limit
                 row["ratio_to_limit"] = row["mb_per_s"] / limit
                 rows.append(row)
