@@ -16,8 +16,11 @@ def label_of(summary: dict) -> str:
 
 
 def mark_kill(ax, kill: dict) -> None:
-    """A red line at the kill, a green one at the restart, a label naming the role."""
+    """A red line at the kill, a green one at the restart, the outage shaded until
+    updates were applied again, and a label naming the role."""
     ax.axvline(kill["at_s"], color="tab:red", ls="--", lw=1)
+    if kill.get("recovered_s") is not None:
+        ax.axvspan(kill["at_s"], kill["at_s"] + kill["recovered_s"], color="tab:red", alpha=0.08, lw=0)
     ax.annotate(f"kill {kill['role']} {kill['index']}", (kill["at_s"], 0.02), rotation=90, fontsize=7,
                 color="tab:red", xytext=(2, 0), textcoords="offset points")
     if kill.get("restarted_at_s") is not None:
