@@ -101,3 +101,46 @@ def test_a_restarted_server_skips_a_corrupted_newest_checkpoint(tmp_path):
         cluster.stop(control)
     (skipped,) = events(tmp_path / "run", "checkpoint_skipped")
     assert skipped["path"] == newest.name and "checksum" in skipped["reason"]
+
+
+def chain_job(run_root, kills, replicas=3, mode="strong", every=200, duration=9.5, servers=1):
+    return JobConfig.validate_dict({
+        "cluster": {"workers": 2, "servers": servers}, "sync": {"policy": "asp"},
+        "data": {"dataset": "mnist1d", "samples": 4000},
+        "train": {"duration_s": duration, "target_accuracy": 0.5, "eval_interval_s": 0.5},
+        "faults": {"kills": kills, "down_s": 0.5},
+        "recovery": {"strategy": "chain", "replicas": replicas, "mode": mode, "every_updates": every},
+        "out": str(run_root), "progress": False})
+
+
+def test_strong_chain_loses_no_acknowledged_update_when_head_middle_and_tail_die(run_root):
+    summary = Job(chain_job(run_root, ["head:0@2s", "middle:0@4.5s", "tail:0@7s"])).run()
+    assert summary["status"] == "completed" and summary["recovery"] == "chain/strong"
+    assert [k["rule"] for k in summary["kills"]] == ["head:0@2s", "middle:0@4.5s", "tail:0@7s"]
+    for kill in summary["kills"]:
+        assert kill["recovered_s"] is not None and kill["recovered_s"] < 1.0, kill  # failover
+        assert kill["lost_updates"] in (0, None) and kill["restarted_at_s"] is not None
+    run_dir = only_run(run_root)
+    # Every acknowledged push is applied, none twice: under ASP a push is one update.
+    stops = events(run_dir, "worker_stop")
+    acked = sum(w["pushes_acked"] for w in stops)
+    sent = sum(w["pushes_sent"] for w in stops)
+    final = {e["index"]: e for e in events(run_dir, "server_stop")}
+    assert len(final) == 3  # the killed replicas came back and joined at the tail
+    versions = {e["version"] for e in final.values()}
+    (version,) = versions
+    assert acked <= version <= sent, (acked, version, sent)
+    assert len({e["params_crc32"] for e in final.values()}) == 1  # bit-identical replicas
+    joined = events(run_dir, "replica_joined")
+    assert len(joined) == 3 and len(joined[-1]["chain"]) == 3
+    assert summary["final_accuracy"] > 0.5
+
+
+def test_relaxed_chain_loses_at_most_the_updates_since_its_last_state(run_root):
+    summary = Job(chain_job(run_root, ["head:0@2.5s"], replicas=2, mode="relaxed", every=30,
+                            duration=5)).run()
+    assert summary["status"] == "completed" and summary["recovery"] == "chain/relaxed"
+    (kill,) = summary["kills"]
+    assert kill["recovered_s"] is not None and kill["recovered_s"] < 1.0
+    assert kill["lost_updates"] is not None and 0 <= kill["lost_updates"] <= 30 + 2
+    assert events(only_run(run_root), "state_installed")

@@ -215,3 +215,23 @@ def test_a_worker_joining_ssp_resumes_after_its_last_clock():
     ssp.on_push(1, 4, g(1))
     ssp.leave(1)
     assert ssp.join(1) == 5 and 1 in ssp.active
+
+
+@pytest.mark.parametrize("spec", ["bsp", "asp", "ssp:2", "dssp:1:2", "elastic:4"])
+def test_policy_state_survives_a_chain_state_transfer(spec):
+    from stalwart.server.chain import from_plain, to_plain
+    policy = parse_policy(spec)(2, 4)
+    for c, t in [(0, 0.0), (1, 1.0), (2, 2.0)]:
+        policy.on_push(0, c, g(1), now=t)
+        policy.on_push(1, c, g(2), now=t + 0.5)
+    arrays = []
+    plain = to_plain({k: v for k, v in vars(policy).items() if k != "_events"}, arrays)
+    copy = parse_policy(spec)(2, 4)
+    for k, v in from_plain(plain, arrays).items():
+        setattr(copy, k, v)
+    for k, v in vars(policy).items():
+        if isinstance(v, np.ndarray):
+            np.testing.assert_array_equal(getattr(copy, k), v)
+        else:
+            assert getattr(copy, k) == v, k
+    assert copy.may_proceed(0, 2) == policy.may_proceed(0, 2)

@@ -45,10 +45,14 @@ def train(
     target_accuracy: Optional[float] = typer.Option(None, help="report the time to reach this test accuracy"),
     stop_at_target: Optional[bool] = typer.Option(None, help="stop once the target accuracy is reached"),
     seed: Optional[int] = typer.Option(None, help="seed of data, initial weights and shuffling"),
-    recovery: Optional[str] = typer.Option(None, help="what survives a dead server: none | checkpoint"),
-    checkpoint_every: Optional[int] = typer.Option(None, help="checkpoint: snapshot every N updates"),
+    recovery: Optional[str] = typer.Option(None, help="what survives a dead server: none | checkpoint | chain"),
+    replicas: Optional[int] = typer.Option(None, help="chain: server processes per shard (>= 2)"),
+    chain_mode: Optional[str] = typer.Option(None, help="chain: strong (ack at the tail) | relaxed (state every N updates)"),
+    checkpoint_every: Optional[int] = typer.Option(
+        None, help="checkpoint: snapshot every N updates; relaxed chain: send the state every N updates"),
     kill: Optional[list[str]] = typer.Option(
-        None, "--kill", help="SIGKILL a role: server:0@30s | worker:1@clock=200 | server:0@20s,down=5s (repeatable)"),
+        None, "--kill", help="SIGKILL a role: server:0@30s | worker:1@clock=200 | server:0@20s,down=5s | "
+                             "head:0@10s (chain position of shard 0; also middle, tail) (repeatable)"),
     down: Optional[str] = typer.Option(None, help="restart killed roles after this long, e.g. 20s"),
     straggler: Optional[list[str]] = typer.Option(
         None, "--straggler", help="slow a worker: 3:2.0 | *:jitter=0.5 | 3:1.0@20s | 0:3.0@clock=500 (repeatable)"),
@@ -75,6 +79,7 @@ def train(
         "faults.stragglers": straggler or None,
         "faults.kills": kill or None, "faults.down_s": _seconds(down) if down else None,
         "recovery.strategy": recovery, "recovery.every_updates": checkpoint_every,
+        "recovery.replicas": replicas, "recovery.mode": chain_mode,
         "out": str(out) if out else None, "name": name,
         "tensorboard": str(tensorboard) if tensorboard else None,
         "progress": False if quiet else None,

@@ -149,9 +149,12 @@ class FaultsConfig(_Section):
 
 class RecoveryConfig(_Section):
     # none: a dead server ends the job. checkpoint: servers snapshot and persist their
-    # shard; a restarted server resumes from the newest valid checkpoint.
-    strategy: Literal["none", "checkpoint"] = "none"
-    every_updates: int | None = Field(200, ge=1, description="snapshot after this many updates")
+    # shard; a restarted server resumes from the newest valid checkpoint. chain: each
+    # shard is a chain of `replicas` servers (see stalwart.server.chain).
+    strategy: Literal["none", "checkpoint", "chain"] = "none"
+    replicas: int = Field(2, ge=1, le=16, description="chain: servers per shard")
+    mode: Literal["strong", "relaxed"] = Field("strong", description="chain: ack at the tail, or send state every every_updates")
+    every_updates: int | None = Field(200, ge=1, description="snapshot (or relaxed chain state) after this many updates")
     every_s: float | None = Field(None, gt=0, description="...or after this many seconds")
     keep: int = Field(3, ge=1, le=100, description="checkpoint files kept per shard")
     dir: Path | None = Field(None, description="default: <run dir>/checkpoints")
@@ -161,7 +164,15 @@ class RecoveryConfig(_Section):
     def _has_a_trigger(self) -> "RecoveryConfig":
         if self.strategy == "checkpoint" and self.every_updates is None and self.every_s is None:
             raise ValueError("checkpoint recovery needs every_updates or every_s")
+        if self.strategy == "chain" and self.replicas < 2:
+            raise ValueError(f"chain replication needs replicas >= 2, got {self.replicas}")
+        if self.strategy == "chain" and self.mode == "relaxed" and self.every_updates is None:
+            raise ValueError("relaxed chain replication needs every_updates")
         return self
+
+    @property
+    def replicas_per_shard(self) -> int:
+        return self.replicas if self.strategy == "chain" else 1
 
 
 class JobConfig(_Section):
@@ -212,7 +223,13 @@ class JobConfig(_Section):
                                  f"{self.cluster.workers} workers (0..{self.cluster.workers - 1})")
         for spec in self.faults.kills:
             rule = parse_kill(spec)
-            count = self.cluster.workers if rule.role == "worker" else self.cluster.servers
+            count = {"worker": self.cluster.workers,
+                     "server": self.cluster.servers * self.recovery.replicas_per_shard}.get(rule.role,
+                                                                                          self.cluster.servers)
+            if rule.role in ("head", "middle", "tail") and self.recovery.strategy != "chain":
+                raise ValueError(f"kill {spec!r}: chain positions need --recovery chain")
+            if rule.role == "middle" and self.recovery.replicas < 3:
+                raise ValueError(f"kill {spec!r}: a chain of {self.recovery.replicas} has no middle")
             if rule.index >= count:
                 raise ValueError(f"kill {spec!r} names {rule.role} {rule.index}, but the job has "
                                  f"{count} {rule.role}s (0..{count - 1})")

@@ -27,6 +27,7 @@ class CoordinatorClient:
         self._beat: threading.Thread | None = None
         self._closed = threading.Event()
         self.lost = threading.Event()
+        self.tails: list[str] = []
 
     def call(self, op: str, **args: Any) -> dict:
         with self._lock:
@@ -48,14 +49,23 @@ class CoordinatorClient:
         return self.call("register", role=self.role, index=self.index, address=address, pid=os.getpid())
 
     def shard_map(self, timeout_s: float = 60.0) -> list[str]:
+        """Where to push, per shard (a chain's head); ``self.tails``: where to pull."""
         deadline = time.monotonic() + timeout_s
         while True:
             reply = self.call("shard_map", wait_s=max(0.0, min(5.0, deadline - time.monotonic())))
             if reply["ready"]:
+                self.tails = list(reply.get("tails", reply["shards"]))
                 return list(reply["shards"])
             if reply["state"] != "running" or time.monotonic() >= deadline:
                 raise CoordinatorError(f"no complete shard map within {timeout_s}s "
                                        f"(job state {reply['state']})")
+
+    def relocate(self, failed: list[str], timeout_s: float = 1.0) -> tuple[list[str], list[str]]:
+        """Report servers whose connections broke, then read where each shard is now."""
+        for address in failed:
+            self.call("suspect", address=address, reporter=f"{self.role} {self.index}")
+        heads = self.shard_map(timeout_s)
+        return heads, self.tails
 
     def start_heartbeats(self, interval_s: float, stats: Callable[[], dict] | None = None,
                          on_state: Callable[[str], None] | None = None) -> None:

@@ -17,7 +17,9 @@ def run_coordinator(spec) -> int:
     # before this process existed.
     listener = TcpTransport().listen_fd(int(os.environ[LISTEN_FD_ENV]))
     coordinator = Coordinator(listener, token_from_env(), log, servers=job.cluster.servers,
-                              workers=job.cluster.workers, lease_s=job.cluster.lease_s)
+                              workers=job.cluster.workers, lease_s=job.cluster.lease_s,
+                              replicas=job.recovery.replicas_per_shard,
+                              pulls_at_tail=job.recovery.mode == "strong")
     coordinator.run(tick_s=job.cluster.heartbeat_s)
     log.close()
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import signal
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..metrics import EventLog
 from .kills import KillRule
@@ -29,6 +30,8 @@ class FaultInjector:
     launcher: object
     log: EventLog
     default_down_s: float | None = None
+    # (position, shard) -> the server process there now, for head/middle/tail rules
+    locate: Callable[[str, int], int | None] | None = None
     pending: list[_Pending] = field(init=False)
     down: dict[tuple[str, int], float] = field(default_factory=dict)  # role -> restart time (inf: never)
 
@@ -60,15 +63,18 @@ class FaultInjector:
                 continue
             p.done = True
             key = (r.role, r.index)
+            if r.role in ("head", "middle", "tail"):
+                index = self.locate(r.role, r.index) if self.locate is not None else None
+                key = ("server", index if index is not None else -1)
             if key not in self.launcher.running():
                 self.log.emit("kill_skipped", member_role=r.role, member_index=r.index, at_s=elapsed_s,
                               reason="not running")
                 continue
             down = r.down_s if r.down_s is not None else self.default_down_s
             self.down[key] = math.inf if down is None else elapsed_s + down
-            self.launcher.kill(r.role, r.index, signal.SIGKILL)
+            self.launcher.kill(*key, signal.SIGKILL)
             killed.append(key)
-            self.log.emit("kill", member_role=r.role, member_index=r.index, at_s=elapsed_s, clock=clock,
+            self.log.emit("kill", member_role=key[0], member_index=key[1], at_s=elapsed_s, clock=clock,
                           rule=r.describe(), down_s=down)
         return killed
 

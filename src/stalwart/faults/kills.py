@@ -5,6 +5,8 @@ A rule reads ``ROLE:INDEX@WHEN[,down=DURATION]``:
 * ``server:0@30s``          kill server 0 thirty seconds after training started
 * ``worker:2@clock=200``    kill worker 2 once the job's global clock reaches 200
 * ``server:1@20s,down=5s``  ...and restart it five seconds later
+* ``head:0@10s``            with chain replication: whichever process heads shard 0's
+                            chain at that moment (also ``middle:0``, ``tail:0``)
 
 The global clock is the slowest live worker's iteration count, as the workers report
 it on their heartbeats. ``down`` defaults to the job's ``faults.down_s``; without
@@ -17,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_RULE = re.compile(r"^(?P<role>server|worker):(?P<index>\d+)@(?:(?P<seconds>\d+(?:\.\d+)?)s|clock=(?P<clock>\d+))"
+_RULE = re.compile(r"^(?P<role>server|worker|head|middle|tail):(?P<index>\d+)@(?:(?P<seconds>\d+(?:\.\d+)?)s|clock=(?P<clock>\d+))"
                    r"(?:,down=(?P<down>\d+(?:\.\d+)?)s)?$")
 
 
@@ -37,7 +39,8 @@ class KillRule:
 def parse_kill(spec: str) -> KillRule:
     m = _RULE.match(spec.strip())
     if m is None:
-        raise ValueError(f"kill {spec!r}: expected ROLE:INDEX@WHEN[,down=Ns] with ROLE server or worker "
+        raise ValueError(f"kill {spec!r}: expected ROLE:INDEX@WHEN[,down=Ns] with ROLE server, worker "
+                         f"(or head, middle, tail of a shard's chain) "
                          f"and WHEN like 30s or clock=200, e.g. server:0@30s,down=5s")
     return KillRule(m["role"], int(m["index"]),
                     float(m["seconds"]) if m["seconds"] is not None else None,

@@ -49,7 +49,7 @@ class Cluster:
             launcher.start("coordinator", 0, pass_fds=(listen.fileno(),))
         finally:
             listen.close()
-        for s in range(config.cluster.servers):
+        for s in range(config.cluster.servers * config.recovery.replicas_per_shard):
             launcher.start("server", s)
         return cls(launcher, spec, token)
 
@@ -72,6 +72,7 @@ class Cluster:
             check(self.launcher.wait(0.0))
             reply = control.call("shard_map", wait_s=0.5)
             if reply["ready"]:
+                control.tails = reply["tails"]
                 return control, reply["shards"]
             if time.monotonic() > deadline:
                 raise ClusterError(f"not every server registered within {timeout_s}s")

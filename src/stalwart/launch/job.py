@@ -109,13 +109,18 @@ class Job:
         from ..worker.evaluator import Evaluator
         c = self.config
 
+        injector: FaultInjector | None = None
+
         def check(exits: list[Exit]) -> None:
             for e in exits:
                 log.emit("role_exit", member_role=e.role, member_index=e.index, returncode=e.returncode)
-                if injector.expects_exit(e.role, e.index):
+                if injector is not None and injector.expects_exit(e.role, e.index):
                     continue  # killed on purpose: the job goes on
                 if e.returncode == 0 and e.role == "worker":
                     finished.add(e.index)
+                elif e.role == "coordinator" and not shutting_down:
+                    raise JobFailed(f"{e.describe()}; the coordinator's state (membership, chains) is not "
+                                    f"persisted, so the job cannot go on without it")
                 elif e.returncode != 0 or not shutting_down:
                     raise JobFailed(f"{e.describe()}; stopping the job (see {self.run_dir}/logs/"
                                     f"{e.role}-{e.index}.log)")
@@ -123,14 +128,23 @@ class Job:
         finished: set[int] = set()
         shutting_down = False
         launcher, spec, token = cluster.launcher, cluster.spec, cluster.token
-        injector = FaultInjector([parse_kill(k) for k in c.faults.kills], launcher, log, c.faults.down_s)
         try:
             control, shards = cluster.connect("driver", check)
         except ClusterError as exc:
             raise JobFailed(str(exc)) from None
+
+        def locate(position: str, shard: int) -> int | None:
+            """The server process at ``position`` of ``shard``'s chain right now."""
+            members = [m[0] for m in control.call("chain", shard=shard)["members"]]
+            if len(members) < (3 if position == "middle" else 1):
+                return None
+            return {"head": members[0], "middle": members[len(members) // 2], "tail": members[-1]}[position]
+
+        injector = FaultInjector([parse_kill(k) for k in c.faults.kills], launcher, log, c.faults.down_s,
+                                 locate=locate)
         # The driver must never block long on a dead server: it is the one that restarts it.
-        client = ParameterClient(shards, spec.bounds, token, transport=c.cluster.transport,
-                                 resolve=lambda: control.shard_map(timeout_s=0.5),
+        client = ParameterClient(shards, spec.bounds, token, transport=c.cluster.transport, tails=control.tails,
+                                 resolve=lambda failed: control.relocate(failed, timeout_s=0.5),
                                  reconnect_s=0.25 if c.recovery.strategy != "none" else 0.0)
         evaluator = Evaluator(model, ds.x_test, ds.y_test, client)
 

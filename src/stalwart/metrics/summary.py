@@ -32,32 +32,36 @@ def _barrier_accuracy(barriers: list[dict]) -> dict[str, Any]:
             "zipline_s": sum(b["zipline_s"] for b in barriers) / len(barriers)}
 
 
-def _kills(events: list[dict], start_t: float | None) -> tuple[list[dict], int]:
+def _kills(events: list[dict], replicas: int) -> tuple[list[dict], int]:
     """Each injected kill with its restart and recovery; and the updates lost in all.
 
     ``recovered_s``: seconds from the kill until updates were applied again through the
-    killed role: for a server, its replacement's first update; for a worker, the first
-    update any server applied after losing it. ``lost_updates``: for a server kill, the
-    newest version a worker saw acknowledged by that shard before it died, minus the
-    version its replacement resumed from.
+    killed role: for a server, by a server of its shard (its replacement, or with a
+    chain the replica that took its place); for a worker, by any server after losing
+    it. ``lost_updates``, for a server kill: the newest version a worker saw
+    acknowledged by the shard before it, minus the version the shard had when the
+    workers found it again (None when no worker had to reconnect).
     """
     kills, lost_total = [], 0
     for k in (e for e in events if e["event"] == "kill"):
         role, index, t = k["member_role"], k["member_index"], k["t"]
+        shard = index // replicas
         after = [e for e in events if e["t"] > t]
         restart = next((e for e in after if e["event"] == "restart" and e["member_role"] == role
                         and e["member_index"] == index), None)
         resumed = next((e for e in after if e["event"] == "updates_resumed"
-                        and (role == "worker" or (e["role"] == "server" and e["index"] == index))), None)
+                        and (role == "worker" or e.get("shard") == shard)), None)
         entry = {"role": role, "index": index, "at_s": k["at_s"], "rule": k.get("rule"),
                  "down_s": k.get("down_s"), "restarted_at_s": restart["at_s"] if restart else None,
                  "recovered_s": (resumed["t"] - t) if resumed else None}
         if role == "server":
-            acked = [e["last_acked_version"] for e in after if e["event"] == "reconnected" and e["shard"] == index]
-            restored = next((e["version"] for e in after if e["event"] == "restored"
-                             and e["role"] == "server" and e["index"] == index), 0)
-            entry["resumed_version"] = restored
-            entry["lost_updates"] = max(0, max(acked) - restored) if acked else None
+            entry["shard"] = shard
+            later_kill = next((e["t"] for e in after if e["event"] == "kill"), float("inf"))
+            found = [e for e in after if e["event"] == "reconnected" and e["shard"] == shard
+                     and e["t"] < later_kill and e.get("found_version") is not None]
+            entry["resumed_version"] = min((e["found_version"] for e in found), default=None)
+            entry["lost_updates"] = max(0, max(e["last_acked_version"] for e in found) - entry["resumed_version"]) \
+                if found else None
             lost_total += entry["lost_updates"] or 0
         kills.append(entry)
     return kills, lost_total
@@ -81,7 +85,8 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     waits = [s.get("wait_s") or [] for s in servers.values()]
     wait_per_worker = [max(w[i] for w in waits if len(w) > i) for i in range(max(map(len, waits), default=0))]
     barriers = by("barrier")
-    kills, lost_updates = _kills(events, start[0]["t"] if start else None)
+    recovery = config.get("recovery", {})
+    kills, lost_updates = _kills(events, recovery.get("replicas", 1) if recovery.get("strategy") == "chain" else 1)
     staleness = sum(s.get("staleness_sum", 0) for s in servers.values())
     return {
         "run_dir": str(run_dir),
@@ -114,7 +119,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "straggler_delay_s": sum(w.get("delay_s", 0.0) for w in workers),
         "wait_s_per_worker": wait_per_worker,
         "barriers": len(barriers),
-        "recovery": config.get("recovery", {}).get("strategy", "none"),
+        "recovery": recovery.get("strategy", "none") + (f"/{recovery.get('mode')}" if recovery.get("strategy") == "chain" else ""),
         "kills": kills,
         "lost_updates": lost_updates,
         **_barrier_accuracy(barriers),

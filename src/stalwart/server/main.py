@@ -1,4 +1,8 @@
-"""The server process: serve one shard until the coordinator says the job is over."""
+"""The server process: serve one shard until the coordinator says the job is over.
+
+Without chains, server process ``i`` serves shard ``i``; with chain replication of
+``K`` replicas it serves shard ``i // K`` as one link of that shard's chain.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from ..metrics import EventLog
 from ..recovery import Checkpointer
 from ..sync import parse_policy
 from ..transport import get_transport
+from .chain import ChainReplica, join_chain
 from .optim import build_optimizer
 from .server import ParameterServer, serve_until
 
@@ -17,24 +22,29 @@ from .server import ParameterServer, serve_until
 def run_server(spec, index: int) -> int:
     from ..launch.spec import token_from_env
     job, token = spec.job, token_from_env()
+    r = job.recovery
+    shard = index // r.replicas_per_shard
     log = EventLog.for_role(spec.run_dir, "server", index)
-    size = spec.bounds[index + 1] - spec.bounds[index]
+    size = spec.bounds[shard + 1] - spec.bounds[shard]
     o = job.optimizer
     optimizer = build_optimizer(o.name, size, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                 weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
-    policy = parse_policy(job.sync.policy)(job.cluster.workers, size, leader=index == 0)
+    policy = parse_policy(job.sync.policy)(job.cluster.workers, size, leader=shard == 0)
     checkpointer = None
-    if job.recovery.strategy == "checkpoint":
-        r = job.recovery
-        checkpointer = Checkpointer(r.dir or Path(spec.run_dir) / "checkpoints", index, log,
+    if r.strategy == "checkpoint":
+        checkpointer = Checkpointer(r.dir or Path(spec.run_dir) / "checkpoints", shard, log,
                                     every_updates=r.every_updates, every_s=r.every_s, keep=r.keep)
     listener = get_transport(job.cluster.transport).listen(job.cluster.host, 0)
-    server = ParameterServer(listener, token, log, shard=index, size=size, optimizer=optimizer,
+    server = ParameterServer(listener, token, log, shard=shard, size=size, optimizer=optimizer,
                              policy=policy, workers=job.cluster.workers, checkpointer=checkpointer)
     if checkpointer is not None and (loaded := checkpointer.load_newest()) is not None:
         server.restore(*loaded)
     done = threading.Event()
     control = CoordinatorClient(spec.coordinator, token, "server", index)
+    chain = None
+    if r.strategy == "chain":
+        chain = ChainReplica(server, index, control, token, job.cluster.transport, r.mode, r.every_updates or 0)
+        server.attach_chain(chain)
 
     def on_state(state: str) -> None:
         if state in ("stopping", "shutdown"):
@@ -46,9 +56,14 @@ def run_server(spec, index: int) -> int:
     control.register(address=server.address)
     control.start_heartbeats(job.cluster.heartbeat_s, stats=server.snapshot_stats, on_state=on_state)
     threading.Thread(target=lambda: control.lost.wait() and done.set(), daemon=True).start()
+    if chain is not None:
+        join_chain(server, chain)  # returns at once for a member of the first chain
+        chain.start()
     serve_until(server, done)
     if control.lost.is_set() and control.state != "shutdown":
         log.emit("coordinator_lost")
+    if chain is not None:
+        chain.close()
     if checkpointer is not None:
         checkpointer.close()
     control.close()

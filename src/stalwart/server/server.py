@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import threading
 import time
+import zlib
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
@@ -26,8 +27,12 @@ from ..transport.base import Listener
 from ..transport.service import FrameService, Session
 from .optim import ServerOptimizer
 
+from .chain import install_state
+from .chain import now as chain_now
+
 if TYPE_CHECKING:
     from ..recovery import Checkpointer
+    from .chain import ChainReplica
 
 
 class ReadWriteLock:
@@ -86,13 +91,21 @@ class ParameterServer(FrameService):
                       "staleness_sum": 0, "staleness_max": 0}
         self.wait_s = [0.0] * workers  # seconds each worker's pulls spent held at the gate
         self.checkpointer = checkpointer
-        # After a (re)start or a lost worker, the next applied update is logged: the
-        # moment training through this shard resumed.
+        self.chain: "ChainReplica | None" = None
+        # After a (re)start, a lost worker or a change of chain, the next applied update
+        # is logged: the moment training through this shard resumed.
         self._resume_reason: str | None = "start"
+
+    def attach_chain(self, chain: "ChainReplica") -> None:
+        self.chain = chain
+        # A whole-state transfer carries parameters, optimizer and policy arrays.
+        self.max_payload = 6 * self.nbytes + (1 << 20)
 
     # --- wire ----------------------------------------------------------------------
     def payload_sink(self, session: Session, frame: Frame) -> memoryview | None:
-        if frame.kind not in (Kind.PUSH, Kind.INIT):
+        if frame.kind == Kind.STATE and self.chain is not None:
+            return None  # a fresh buffer of the announced size (bounded by max_payload)
+        if frame.kind not in (Kind.PUSH, Kind.INIT, Kind.REPLICATE):
             raise ProtocolError(f"{frame.kind.name} frames carry no payload here")
         if frame.shard != self.shard:
             raise ProtocolError(f"{frame.kind.name} for shard {frame.shard} sent to shard {self.shard}")
@@ -102,7 +115,7 @@ class ParameterServer(FrameService):
         return memoryview(buf).cast("B")
 
     def handle(self, session: Session, frame: Frame) -> None:
-        if frame.kind in (Kind.PUSH, Kind.INIT, Kind.PULL, Kind.DONE):
+        if frame.kind in (Kind.PUSH, Kind.INIT, Kind.PULL, Kind.DONE, Kind.REPLICATE, Kind.STATE):
             if frame.shard != self.shard:
                 raise ProtocolError(f"{frame.kind.name} for shard {frame.shard} sent to shard {self.shard}")
             if frame.worker != NO_WORKER and frame.worker >= self.workers:
@@ -115,6 +128,10 @@ class ParameterServer(FrameService):
             self._on_init(session, frame)
         elif frame.kind == Kind.DONE:
             self._on_done(session, frame)
+        elif self.chain is not None and frame.kind in (Kind.REPLICATE, Kind.REPLICATE_ACK, Kind.STATE):
+            self._on_chain(session, frame)
+        elif self.chain is not None and frame.kind == Kind.REQUEST and (frame.meta or {}).get("op") == "chain_join":
+            self._on_join_request(session, frame)
         else:
             raise ProtocolError(f"a server does not accept {frame.kind.name} frames")
 
@@ -130,58 +147,51 @@ class ParameterServer(FrameService):
                             f"values; refused so that the shard stays intact")
         return values
 
-    def _reject(self, session: Session, frame: Frame, reason: str) -> None:
+    def _reject(self, session: Session, frame: Frame, reason: str, **meta) -> None:
         self.stats["rejected"] += 1
         self.log.emit("rejected", peer=session.conn.peer, worker=frame.worker, reason=reason)
-        session.conn.send(Frame(Kind.ERROR, shard=self.shard, meta={"reason": reason}))
+        session.conn.send(Frame(Kind.ERROR, shard=self.shard, meta={"reason": reason, **meta}))
 
-    def _on_init(self, session: Session, frame: Frame) -> None:
-        try:
-            values = self._payload(frame)
-        except _Rejected as exc:
-            return self._reject(session, frame, str(exc))
-        with self._state:
-            if not self.initialized:
-                with self._rw.write():
-                    np.copyto(self.params, values)
-                self.initialized = True
-                self._state.notify_all()
-                self.log.emit("initialized", shard=self.shard, source_worker=frame.worker)
-            version = self.version
-            resume = self.policy.join(frame.worker) if frame.worker != NO_WORKER else 0
-        # A worker (re)joining learns the clock to continue from.
-        session.conn.send(Frame(Kind.PUSH_ACK, shard=self.shard, clock=version, meta={"resume_clock": resume}))
+    def _not_head(self, session: Session, frame: Frame) -> bool:
+        """With a chain, only its head takes workers' updates; others send them there."""
+        if self.chain is None or self.chain.is_head():
+            return False
+        session.conn.send(Frame(Kind.ERROR, shard=self.shard, meta={
+            "reason": f"server {self.chain.index} is not the head of shard {self.shard}'s chain",
+            "redirect": True}))
+        return True
 
-    def _on_push(self, session: Session, frame: Frame) -> None:
-        try:
-            grad = self._payload(frame)
-        except _Rejected as exc:
-            return self._reject(session, frame, str(exc))
-        session.worker = frame.worker
-        with self._state:
-            while not self.initialized and not self.stopping:
-                self._state.wait()
-            try:
-                update = self.policy.on_push(frame.worker, frame.clock, grad, time.monotonic())
-            except SyncError as exc:
-                return self._reject(session, frame, str(exc))
-            staleness = self.version - session.data.get("pulled_version", 0)
-            self.stats["pushes"] += 1
-            self.stats["bytes_in"] += frame.payload_len
+    # --- the state machine: what every replica applies, in the same order -------------
+    def _apply_init(self, worker: int, values: np.ndarray) -> int:
+        """First offer wins; returns the clock the worker continues from. Holds _state."""
+        if not self.initialized:
+            with self._rw.write():
+                np.copyto(self.params, values)
+            self.initialized = True
+            self._state.notify_all()
+            self.log.emit("initialized", shard=self.shard, source_worker=worker)
+        return self.policy.join(worker) if worker != NO_WORKER else 0
+
+    def _apply_push(self, worker: int, clock: int, grad: np.ndarray, now: float,
+                    pulled_version: int | None) -> int:
+        """Account a push and apply what the policy returns; returns the version. Holds _state."""
+        update = self.policy.on_push(worker, clock, grad, now)
+        self.stats["pushes"] += 1
+        self.stats["bytes_in"] += grad.nbytes
+        if pulled_version is not None:
+            staleness = self.version - pulled_version
             self.stats["staleness_sum"] += staleness
             self.stats["staleness_max"] = max(self.stats["staleness_max"], staleness)
-            if update is not None:
-                self._apply(update)
-            version = self.version
-            hint = self.policy.hint_for(frame.worker)
-            decisions = self.policy.drain_events()
-        session.conn.send(Frame(Kind.PUSH_ACK, shard=self.shard, worker=frame.worker, seq=frame.seq,
-                                clock=version, meta=None if hint is None else {"hint": hint}))
-        self._log_decisions(decisions)
+        if update is not None:
+            self._apply(update)
+        return self.version
 
-    def _log_decisions(self, decisions: list[tuple[str, dict]]) -> None:
-        for name, fields in decisions:
-            self.log.emit(name, shard=self.shard, **fields)
+    def _apply_leave(self, worker: int, now: float) -> None:
+        """Holds _state."""
+        update = self.policy.leave(worker, now)
+        if update is not None:
+            self._apply(update)
+        self._state.notify_all()
 
     def _apply(self, update: np.ndarray) -> None:
         """Caller holds ``_state``."""
@@ -194,28 +204,110 @@ class ParameterServer(FrameService):
             self._resume_reason = None
         if self.checkpointer is not None and self.checkpointer.due(self.version):
             # Writers need _state, which we hold: the snapshot is a consistent state.
-            arrays, scalars = self._state_arrays()
-            self.checkpointer.snapshot(self.version, arrays, scalars)
+            arrays, scalars = self.optimizer_state()
+            self.checkpointer.snapshot(self.version, {"params": self.params, **{
+                f"opt.{k}": v for k, v in arrays.items()}}, scalars)
 
-    def _state_arrays(self) -> tuple[dict[str, np.ndarray], dict]:
+    def optimizer_state(self) -> tuple[dict[str, np.ndarray], dict]:
         state = self.optimizer.state_dict()
-        arrays = {"params": self.params, **{f"opt.{k}": v for k, v in state.items() if isinstance(v, np.ndarray)}}
-        return arrays, {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
+        return ({k: v for k, v in state.items() if isinstance(v, np.ndarray)},
+                {k: v for k, v in state.items() if not isinstance(v, np.ndarray)})
+
+    def install(self, params: np.ndarray, opt_arrays: dict, opt_scalars: dict, version: int,
+                initialized: bool = True) -> None:
+        """Take over a whole state (a checkpoint, a chain's state transfer). Holds _state."""
+        if params.shape != self.params.shape or params.dtype != self.params.dtype:
+            raise ValueError(f"the state holds {params.shape} {params.dtype} parameters; "
+                             f"shard {self.shard} holds {self.params.shape} {self.params.dtype}")
+        with self._rw.write():
+            np.copyto(self.params, params)
+        self.optimizer.load_state_dict({**opt_scalars, **opt_arrays})
+        self.version = version
+        self.initialized = initialized
+        self._state.notify_all()
 
     def restore(self, version: int, arrays: dict[str, np.ndarray], scalars: dict) -> None:
         """Resume from a checkpoint: parameters, optimizer state and version."""
         params = arrays.get("params")
-        if params is None or params.shape != self.params.shape or params.dtype != self.params.dtype:
-            raise ValueError(f"checkpoint holds {None if params is None else params.shape} parameters; "
-                             f"shard {self.shard} holds {self.params.shape}")
+        if params is None:
+            raise ValueError(f"the checkpoint of shard {self.shard} holds no parameters")
         with self._state:
-            np.copyto(self.params, params)
-            self.optimizer.load_state_dict({**scalars, **{k.removeprefix("opt."): v for k, v in arrays.items()
-                                                         if k.startswith("opt.")}})
-            self.version = version
-            self.initialized = True
-            self._state.notify_all()
+            self.install(params, {k.removeprefix("opt."): v for k, v in arrays.items() if k.startswith("opt.")},
+                         scalars, version)
         self.log.emit("restored", shard=self.shard, version=version)
+
+    # --- workers' requests -------------------------------------------------------------
+    def _ack(self, session: Session, frame: Frame, version: int, meta: dict | None) -> Callable[[], None]:
+        """The acknowledgement of a worker's request, to send now or once it is durable."""
+        def send() -> None:
+            try:
+                session.conn.send(Frame(Kind.PUSH_ACK, shard=self.shard, worker=frame.worker, seq=frame.seq,
+                                        clock=version, meta=meta))
+            except (ConnectionError, OSError):
+                pass  # the worker is gone; it will resend to whoever leads then
+        return send
+
+    def _replicate(self, op: str, frame: Frame, payload: np.ndarray | None, now: float,
+                   waiter: Callable[[], None] | None) -> None:
+        """Chain head: log an entry just applied and send it down. Holds _state."""
+        chain = self.chain
+        chain.last_lsn += 1
+        entry = Frame(Kind.REPLICATE, shard=self.shard, worker=frame.worker, seq=chain.last_lsn,
+                      clock=frame.clock, meta={"op": op, "wseq": frame.seq, "now": now})
+        if op == "push":
+            chain.dedupe[frame.worker] = [frame.seq, chain.last_lsn, self.version]
+        chain.append(entry, None if payload is None else payload.tobytes(), waiter)
+        chain.maybe_send_state()
+
+    def _on_init(self, session: Session, frame: Frame) -> None:
+        try:
+            values = self._payload(frame)
+        except _Rejected as exc:
+            return self._reject(session, frame, str(exc))
+        if self._not_head(session, frame):
+            return
+        with self._state:
+            resume = self._apply_init(frame.worker, values)
+            # A worker (re)joining learns the clock to continue from.
+            ack = self._ack(session, frame, self.version, {"resume_clock": resume})
+            if self.chain is not None:
+                return self._replicate("init", frame, values, chain_now(), ack)
+        ack()
+
+    def _on_push(self, session: Session, frame: Frame) -> None:
+        try:
+            grad = self._payload(frame)
+        except _Rejected as exc:
+            return self._reject(session, frame, str(exc))
+        session.worker = frame.worker
+        if self._not_head(session, frame):
+            return
+        with self._state:
+            while not self.initialized and not self.stopping:
+                self._state.wait()
+            if self.chain is not None:
+                seen = self.chain.dedupe.get(frame.worker)
+                if seen is not None and seen[0] == frame.seq:
+                    # A resend of a push we hold (the worker lost our predecessor as head).
+                    return self.chain.wait_durable(seen[1], self._ack(session, frame, seen[2], None))
+            now = chain_now() if self.chain is not None else time.time()
+            try:
+                version = self._apply_push(frame.worker, frame.clock, grad, now,
+                                           None if self.chain is not None else session.data.get("pulled_version", 0))
+            except SyncError as exc:
+                return self._reject(session, frame, str(exc))
+            hint = self.policy.hint_for(frame.worker)
+            decisions = self.policy.drain_events()
+            ack = self._ack(session, frame, version, None if hint is None else {"hint": hint})
+            if self.chain is not None:
+                self._replicate("push", frame, grad, now, ack)
+        if self.chain is None:
+            ack()
+        self._log_decisions(decisions)
+
+    def _log_decisions(self, decisions: list[tuple[str, dict]]) -> None:
+        for name, fields in decisions:
+            self.log.emit(name, shard=self.shard, **fields)
 
     def _on_pull(self, session: Session, frame: Frame) -> None:
         observer = frame.worker == NO_WORKER or frame.flags & Flag.ASYNC_PULL
@@ -229,12 +321,13 @@ class ParameterServer(FrameService):
                 return self._reject(session, frame, f"shard {self.shard} holds no parameters yet")
             if not observer:
                 try:
-                    self.policy.on_pull(frame.worker, frame.clock, hint, arrived)
+                    self.policy.on_pull(frame.worker, frame.clock, hint, time.time())
                 except SyncError as exc:
                     return self._reject(session, frame, str(exc))
                 self._state.notify_all()  # an arrival may have opened a barrier
             while not self.stopping and not (
-                    self.initialized and (observer or self.policy.may_proceed(frame.worker, frame.clock))):
+                    self.initialized and self._has_own_push(frame)
+                    and (observer or self.policy.may_proceed(frame.worker, frame.clock))):
                 self._state.wait()
             if not observer:
                 self.wait_s[frame.worker] += time.monotonic() - arrived
@@ -257,26 +350,97 @@ class ParameterServer(FrameService):
             self.stats["pulls"] += 1
             self.stats["bytes_out"] += self.nbytes
 
+    def _has_own_push(self, frame: Frame) -> bool:
+        """Read your writes: on a chain's tail, a pull that follows a push waits until that
+        push has come down the chain (on one server, the connection's order ensures it)."""
+        if self.chain is None or not frame.flags & Flag.AFTER_PUSH or self.chain.mode != "strong":
+            return True
+        seen = self.chain.dedupe.get(frame.worker)
+        return seen is not None and seen[0] == frame.seq
+
     def _on_done(self, session: Session, frame: Frame) -> None:
         session.data["left"] = True
-        self._leave(frame.worker, "worker_left")
+        self._leave(session, frame, "worker_left")
         session.conn.send(Frame(Kind.PUSH_ACK, shard=self.shard, clock=self.version))
 
-    def _leave(self, worker: int, event: str) -> None:
+    def _leave(self, session: Session, frame: Frame, event: str) -> None:
+        if self.chain is not None and not self.chain.is_head():
+            return  # only the head decides membership; its entry reaches every replica
         with self._state:
-            update = self.policy.leave(worker, time.monotonic())
-            if update is not None:
-                self._apply(update)
-            self._state.notify_all()
+            now = chain_now() if self.chain is not None else time.time()
+            self._apply_leave(frame.worker, now)
+            if self.chain is not None:
+                self._replicate("leave", frame, None, now, None)
             decisions = self.policy.drain_events()
-        self.log.emit(event, worker=worker, version=self.version)
+        self.log.emit(event, worker=frame.worker, version=self.version)
         self._log_decisions(decisions)
 
     def on_disconnect(self, session: Session) -> None:
+        if self.chain is not None and session.data.get("successor"):
+            self.chain.successor_lost(session.conn)
         if session.worker is not None and session.worker != NO_WORKER and not session.data.get("left"):
             with self._state:
                 self._resume_reason = self._resume_reason or "worker_lost"
-            self._leave(session.worker, "worker_lost")
+            self._leave(session, Frame(Kind.DONE, shard=self.shard, worker=session.worker), "worker_lost")
+
+    # --- chain replication: entries from our predecessor, acks from our successor -------
+    def _on_chain(self, session: Session, frame: Frame) -> None:
+        chain = self.chain
+        if frame.kind == Kind.REPLICATE_ACK:
+            return chain.on_ack(frame.seq)
+        if frame.kind == Kind.STATE:
+            with self._state:
+                lsn, dedupe = install_state(self, frame.meta or {}, frame.payload)
+                chain.last_lsn, chain.dedupe = lsn, dedupe
+                chain.forward_state(frame, bytes(frame.payload))
+            self.log.emit("state_installed", shard=self.shard, version=self.version, lsn=lsn)
+            return
+        meta = frame.meta or {}
+        op, lsn = meta.get("op"), frame.seq
+
+        def ack_upstream() -> None:
+            try:
+                session.conn.send(Frame(Kind.REPLICATE_ACK, shard=self.shard, seq=lsn))
+            except (ConnectionError, OSError):
+                pass  # our predecessor died; its predecessor will resend to us
+        with self._state:
+            if lsn <= chain.last_lsn:
+                return chain.wait_durable(lsn, ack_upstream)  # a resend after a repair
+            if lsn != chain.last_lsn + 1:
+                raise ProtocolError(f"chain entry {lsn} after {chain.last_lsn}: entries are missing")
+            now = float(meta.get("now", 0.0))
+            payload = None
+            if op in ("push", "init"):
+                payload = np.frombuffer(frame.payload, dtype=np.float32)
+            try:
+                if op == "push":
+                    self._apply_push(frame.worker, frame.clock, payload, now, None)
+                    chain.dedupe[frame.worker] = [meta.get("wseq"), lsn, self.version]
+                elif op == "init":
+                    self._apply_init(frame.worker, payload)
+                elif op == "leave":
+                    self._apply_leave(frame.worker, now)
+                else:
+                    raise ProtocolError(f"unknown chain entry {op!r}")
+            except SyncError as exc:
+                # Replicas apply the head's log in the head's order; a refusal here
+                # means the states diverged. Say so loudly; the entry still counts.
+                self.log.emit("chain_diverged", shard=self.shard, lsn=lsn, reason=str(exc))
+            chain.last_lsn = lsn
+            self._state.notify_all()  # a pull may wait for this very push (read your writes)
+            decisions = self.policy.drain_events()
+            chain.append(frame, None if payload is None else payload.tobytes(), ack_upstream)
+        self._log_decisions(decisions)
+
+    def _on_join_request(self, session: Session, frame: Frame) -> None:
+        index = (frame.meta or {}).get("index")
+        reason = self.chain.can_adopt()
+        if reason is not None or type(index) is not int:
+            session.conn.send(Frame(Kind.ERROR, shard=self.shard, meta={
+                "reason": reason or "chain_join needs an integer index", "retry": True}))
+            return
+        session.data["successor"] = True
+        self.chain.adopt_joiner(index, session.conn)
 
     # --- lifecycle -----------------------------------------------------------------
     def stop_waiting(self) -> None:
@@ -293,6 +457,7 @@ class ParameterServer(FrameService):
                     "wait_s": [round(w, 4) for w in self.wait_s],
                     **({f"checkpoint_{k}": v for k, v in self.checkpointer.stats.items()}
                        if self.checkpointer is not None else {}),
+                    **({"chain_lsn": self.chain.last_lsn} if self.chain is not None else {}),
                     "staleness_mean": self.stats["staleness_sum"] / pushes if pushes else 0.0}
 
 
@@ -309,5 +474,8 @@ def serve_until(server: ParameterServer, should_stop: threading.Event, stats_eve
         if time.monotonic() - last >= stats_every_s:
             server.log.emit("server_stats", shard=server.shard, **server.snapshot_stats())
             last = time.monotonic()
-    server.log.emit("server_stop", shard=server.shard, **server.snapshot_stats())
+    with server._state:
+        # A fingerprint of the final state: replicas of a chain must agree bit for bit.
+        digest = zlib.crc32(memoryview(server.params).cast("B"))
+    server.log.emit("server_stop", shard=server.shard, params_crc32=digest, **server.snapshot_stats())
     server.close()

@@ -42,11 +42,15 @@ class Kind(enum.IntEnum):
     REQUEST = 20       # control: meta {"op": ..., ...}
     REPLY = 21         # control: meta
     STOP = 22          # server -> worker: the job is stopping, do not wait further
+    REPLICATE = 30     # chain: predecessor -> successor, one entry (seq = its log position)
+    REPLICATE_ACK = 31 # chain: successor -> predecessor, every entry up to seq is at the tail
+    STATE = 32         # chain: a replica's whole state (meta: header; payload: its arrays)
 
 
 class Flag(enum.IntFlag):
     NONE = 0
     ASYNC_PULL = 1  # pull the latest parameters without waiting on the sync gate
+    AFTER_PUSH = 2  # this pull follows a push with the same seq: answer with that push applied
 
 
 class ProtocolError(Exception):

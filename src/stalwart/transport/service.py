@@ -73,6 +73,10 @@ class FrameService:
             self.log.emit("rejected", peer=conn.peer, reason=f"handshake: {exc}")
             conn.close()
             return
+        self.serve_authenticated(conn)
+
+    def serve_authenticated(self, conn: Connection) -> None:
+        """Handle frames from an authenticated connection until it ends (also one we dialed)."""
         conn.max_payload = self.max_payload
         session = Session(conn)
         with self._lock:

@@ -5,12 +5,16 @@ parallel without a thread per shard. Payloads are sent from, and received into, 
 caller's flat buffers (slices of one vector), so parameters land directly in the
 model's own storage.
 
+With chain replication a shard has two ends: pushes go to its head and pulls to its
+tail (``tails``), on two connections; without, both go to the one server.
+
 When a shard's connection breaks (its server died) and the client was given a way to
-find servers (``resolve``, the coordinator's shard map) and a time budget, it asks for
-the shard's current address and redials with bounded exponential backoff; on the new
+find servers (``resolve``: report the broken addresses to the coordinator, read the
+shard map) and a time budget, it redials with bounded exponential backoff; on the new
 connection it offers its own parameters (a server restarted with no state of its own
-keeps the first offer; one restored from a checkpoint ignores it), resends the push it
-was making, and pulls. Each recovery is reported through ``on_event``.
+keeps the first offer; one restored from a checkpoint or a chain ignores it), resends
+the push it was making (a chain recognizes a push it already holds), and pulls. Each
+recovery is reported through ``on_event``.
 """
 
 from __future__ import annotations
@@ -38,26 +42,36 @@ class ServerUnavailable(ConnectionError):
     """A shard's server could not be reached again within the reconnect budget."""
 
 
+class Redirect(ConnectionError):
+    """The server is no longer the shard's head: find the shard again."""
+
+
 class ParameterClient:
     def __init__(self, shards: list[str], bounds: list[int], token: bytes, *,
                  worker: int = NO_WORKER, transport: str = "tcp", timeout: float = 10.0,
-                 resolve: Callable[[], list[str]] | None = None, reconnect_s: float = 0.0,
-                 on_event: Callable[..., None] | None = None):
+                 tails: list[str] | None = None,
+                 resolve: Callable[[list[str]], tuple[list[str], list[str]]] | None = None,
+                 reconnect_s: float = 0.0, on_event: Callable[..., None] | None = None):
         if len(bounds) != len(shards) + 1:
             raise ValueError(f"{len(shards)} shards need {len(shards) + 1} bounds, got {len(bounds)}")
         self.worker, self.bounds = worker, bounds
         self.token, self.transport, self.timeout = token, transport, timeout
         self.resolve, self.reconnect_s, self.on_event = resolve, reconnect_s, on_event
-        self.conns: list[Connection] = []
+        self.conns: list[Connection] = []       # pushes (a chain's head)
+        self.pull_conns: list[Connection] = []  # pulls (a chain's tail; else the same connection)
         try:
             for s, address in enumerate(shards):
-                self.conns.append(self._dial(s, address))
+                self._connect(s, address, (tails or shards)[s])
         except BaseException:
             self.close()
             raise
         self.versions = [0] * len(shards)
+        self.acked_versions = [0] * len(shards)  # the version in each shard's last push ack
+        self._acked_seq = [0] * len(shards)
         self.bytes_pushed = 0
         self.bytes_pulled = 0
+        self.pushes_sent = 0    # distinct pushes (a resend is not counted again)
+        self.pushes_acked = 0   # push acknowledgements received, summed over shards
         self.seq = 0
         # What the sync leader asked this worker to relay to every shard (see
         # stalwart.sync.base): taken from push acknowledgements, sent with pulls.
@@ -66,6 +80,23 @@ class ParameterClient:
     def _dial(self, s: int, address: str) -> Connection:
         return dial(address, self.token, self.transport, self.timeout,
                     max_payload=(self.bounds[s + 1] - self.bounds[s]) * 4)
+
+    def _connect(self, s: int, head: str, tail: str) -> None:
+        push = self._dial(s, head)
+        pull = push if tail == head else self._dial(s, tail)
+        if s < len(self.conns):
+            self.conns[s], self.pull_conns[s] = push, pull
+        else:
+            self.conns.append(push)
+            self.pull_conns.append(pull)
+
+    def _disconnect(self, s: int) -> list[str]:
+        """Close shard ``s``'s connections; returns their peers' addresses."""
+        peers = []
+        for conn in {id(c): c for c in (self.conns[s], self.pull_conns[s])}.values():
+            peers.append(conn.peer)
+            conn.close()
+        return peers
 
     @property
     def shards(self) -> int:
@@ -78,9 +109,12 @@ class ParameterClient:
         return [memoryview(flat[self.bounds[s]:self.bounds[s + 1]]).cast("B") for s in range(self.shards)]
 
     def _recv(self, s: int, expect: Kind, into: memoryview | None = None) -> Frame:
-        frame = self.conns[s].recv(None if into is None else (lambda f: into))
+        conn = self.pull_conns[s] if expect == Kind.PARAMS else self.conns[s]
+        frame = conn.recv(None if into is None else (lambda f: into))
         if frame.kind == Kind.STOP:
             raise JobStopping()
+        if frame.kind == Kind.ERROR and (frame.meta or {}).get("redirect"):
+            raise Redirect(f"shard {s}: {frame.meta.get('reason')}")
         if frame.kind == Kind.ERROR:
             raise ServerError(f"shard {s}: {(frame.meta or {}).get('reason', 'unspecified error')}")
         if frame.kind != expect:
@@ -109,6 +143,7 @@ class ParameterClient:
         grads = self._views(grad) if grad is not None else None
         targets = self._views(params) if params is not None else None
         self.seq += 1
+        self.pushes_sent += grads is not None
         pull_meta = {"hint": self.hint} if self.hint is not None and wait else None
         broken: set[int] = set()
         for s in range(self.shards):
@@ -131,19 +166,22 @@ class ParameterClient:
         return list(self.versions)
 
     def _send(self, s: int, grads, targets, clock: int, wait: bool, pull_meta: dict | None) -> None:
-        conn = self.conns[s]
         if grads is not None:
-            conn.send(Frame(Kind.PUSH, shard=s, worker=self.worker, seq=self.seq, clock=clock), grads[s])
+            self.conns[s].send(Frame(Kind.PUSH, shard=s, worker=self.worker, seq=self.seq, clock=clock), grads[s])
         if targets is not None:
-            conn.send(Frame(Kind.PULL, shard=s, worker=self.worker, seq=self.seq, clock=clock,
-                            flags=0 if wait else Flag.ASYNC_PULL, meta=pull_meta))
+            flags = (0 if wait else Flag.ASYNC_PULL) | (Flag.AFTER_PUSH if grads is not None else 0)
+            self.pull_conns[s].send(Frame(Kind.PULL, shard=s, worker=self.worker, seq=self.seq, clock=clock,
+                                          flags=flags, meta=pull_meta))
 
     def _receive(self, s: int, grads, targets, hint: dict | None) -> dict | None:
         if grads is not None:
             ack = self._recv(s, Kind.PUSH_ACK)
-            self.versions[s] = ack.clock
+            self.versions[s] = self.acked_versions[s] = ack.clock
             hint = (ack.meta or {}).get("hint", hint)
             self.bytes_pushed += grads[s].nbytes
+            if self._acked_seq[s] != self.seq:  # an ack of a resend is the same push's
+                self._acked_seq[s] = self.seq
+                self.pushes_acked += 1
         if targets is not None:
             self.versions[s] = self._recv(s, Kind.PARAMS, targets[s]).clock
             self.bytes_pulled += targets[s].nbytes
@@ -152,25 +190,27 @@ class ParameterClient:
     def _recover(self, s: int, grads, targets, clock: int, wait: bool, pull_meta: dict | None,
                  hint: dict | None) -> dict | None:
         """Shard ``s``'s connection broke: find its server again and redo this request there."""
-        self.conns[s].close()
+        failed = self._disconnect(s)
         if self.resolve is None or self.reconnect_s <= 0:
             raise ServerUnavailable(f"lost the connection to shard {s} and reconnecting is off "
                                     f"(recovery strategy none)")
-        last_acked = self.versions[s]
+        last_acked, found = self.acked_versions[s], None
         t0 = time.monotonic()
         delay, attempts = BACKOFF_FIRST_S, 0
         while True:
             attempts += 1
             try:
-                self.conns[s] = self._dial(s, self.resolve()[s])
+                heads, tails = self.resolve(failed)
+                self._connect(s, heads[s], tails[s])
                 if self.worker != NO_WORKER and targets is not None:
                     self.conns[s].send(Frame(Kind.INIT, shard=s, worker=self.worker), targets[s])
-                    self._recv(s, Kind.PUSH_ACK)
+                    found = self._recv(s, Kind.PUSH_ACK).clock  # the version the shard resumed from
                 self._send(s, grads, targets, clock, wait, pull_meta)
                 hint = self._receive(s, grads, targets, hint)
                 break
             except (ConnectionError, OSError):
-                self.conns[s].close()
+                if s < len(self.conns):
+                    failed = self._disconnect(s)
             if time.monotonic() - t0 + delay > self.reconnect_s:
                 raise ServerUnavailable(f"shard {s} did not come back within {self.reconnect_s:g}s "
                                         f"({attempts} attempts)")
@@ -178,7 +218,7 @@ class ParameterClient:
             delay = min(2 * delay, BACKOFF_MAX_S)
         if self.on_event is not None:
             self.on_event("reconnected", shard=s, attempts=attempts, waited_s=round(time.monotonic() - t0, 4),
-                          last_acked_version=last_acked, server_version=self.versions[s])
+                          last_acked_version=last_acked, found_version=found, server_version=self.versions[s])
         return hint
 
     def push(self, grad: np.ndarray, clock: int) -> list[int]:
@@ -198,6 +238,6 @@ class ParameterClient:
                 pass
 
     def close(self) -> None:
-        for conn in self.conns:
+        for conn in {id(c): c for c in self.conns + self.pull_conns}.values():
             conn.close()
-        self.conns = []
+        self.conns, self.pull_conns = [], []

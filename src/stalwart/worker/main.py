@@ -38,17 +38,18 @@ def run_worker(spec, index: int) -> int:
     control.register()
     control.start_heartbeats(job.cluster.heartbeat_s, stats=lambda: dict(progress),
                              on_state=lambda state: state != "running" and stopping.set())
-    def resolve() -> list[str]:
-        """The shard map, for reconnecting to a restarted server."""
+
+    def resolve(failed: list[str]) -> tuple[list[str], list[str]]:
+        """Where the shards are now, after reporting the servers we lost."""
         try:
-            return control.shard_map(timeout_s=1.0)
+            return control.relocate(failed)
         except CoordinatorError as exc:
             if control.state != "running":
                 raise JobStopping() from None
             raise ConnectionError(str(exc)) from None
 
     recovering = job.recovery.strategy != "none"
-    client = ParameterClient(control.shard_map(), spec.bounds, token, worker=index,
+    client = ParameterClient(control.shard_map(), spec.bounds, token, worker=index, tails=control.tails,
                              transport=job.cluster.transport, resolve=resolve,
                              reconnect_s=job.recovery.reconnect_s if recovering else 0.0, on_event=log.emit)
     opt = ParameterServerOptimizer(model, client=client)
@@ -102,7 +103,7 @@ def run_worker(spec, index: int) -> int:
         status = 1
     finally:
         log.emit("worker_stop", reason=reason, iterations=opt.clock, compute_s=compute_s, comm_s=comm_s,
-                 delay_s=straggler.delay_s,
+                 delay_s=straggler.delay_s, pushes_sent=client.pushes_sent, pushes_acked=client.pushes_acked,
                  bytes_pushed=client.bytes_pushed, bytes_pulled=client.bytes_pulled)
         opt.close()
         control.close()

@@ -25,6 +25,11 @@ How it works, and why:
 * **One starting point.** The first ``step()`` offers this worker's initial weights to
   every shard and then pulls; a shard keeps the first offer it receives, so all workers
   start from identical weights even if their seeds differ.
+* **Surviving servers and restarts.** With a recovery strategy, a shard whose server
+  died is found again through the coordinator and redialled with backoff inside
+  ``step()`` (see :class:`~stalwart.worker.client.ParameterClient`); a worker process
+  that was itself restarted learns from the servers, on its first ``step()``, the clock
+  to continue from, so it rejoins the barrier being collected instead of clock 0.
 * **Clean endings.** When the job stops, ``step()`` raises
   :class:`~stalwart.worker.client.JobStopping`; ``close()`` tells the servers this worker
   left, so a barrier does not wait for it.
