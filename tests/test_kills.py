@@ -15,12 +15,13 @@ from helpers import events
     ("server:0@30s", KillRule("server", 0, at_s=30.0)),
     ("worker:2@clock=200", KillRule("worker", 2, at_clock=200)),
     ("server:1@2.5s,down=5s", KillRule("server", 1, at_s=2.5, down_s=5.0)),
+    ("tail:1@3s", KillRule("tail", 1, at_s=3.0)),
 ])
 def test_rules_parse(spec, rule):
     assert parse_kill(spec) == rule
 
 
-@pytest.mark.parametrize("spec", ["server:0", "coordinator:0@3s", "server:x@3s", "server:0@soon",
+@pytest.mark.parametrize("spec", ["server:0", "scheduler:0@3s", "server:x@3s", "server:0@soon",
                                   "server:0@3s,down=forever"])
 def test_bad_rules_are_named(spec):
     with pytest.raises(ValueError, match="expected ROLE:INDEX@WHEN"):
@@ -30,6 +31,12 @@ def test_bad_rules_are_named(spec):
 def test_config_refuses_a_kill_outside_the_job():
     with pytest.raises(ConfigError, match="names server 5, but the job has 2 servers"):
         JobConfig.validate_dict({"faults": {"kills": ["server:5@3s"]}})
+    with pytest.raises(ConfigError, match="chain positions need --recovery chain"):
+        JobConfig.validate_dict({"faults": {"kills": ["head:0@3s"]}})
+    with pytest.raises(ConfigError, match="a chain of 2 has no middle"):
+        JobConfig.validate_dict({"recovery": {"strategy": "chain", "replicas": 2}, "faults": {"kills": ["middle:0@3s"]}})
+    with pytest.raises(ConfigError, match="chain replication needs replicas >= 2"):
+        JobConfig.validate_dict({"recovery": {"strategy": "chain", "replicas": 1}})
     with pytest.raises(ConfigError, match="restarting a worker is not supported under ElasticBSP"):
         JobConfig.validate_dict({"sync": {"policy": "elastic"}, "faults": {"kills": ["worker:1@3s,down=1s"]}})
 

@@ -219,7 +219,7 @@ def test_a_worker_joining_ssp_resumes_after_its_last_clock():
 
 @pytest.mark.parametrize("spec", ["bsp", "asp", "ssp:2", "dssp:1:2", "elastic:4"])
 def test_policy_state_survives_a_chain_state_transfer(spec):
-    from stalwart.server.chain import from_plain, to_plain
+    from stalwart.recovery.chain import from_plain, to_plain
     policy = parse_policy(spec)(2, 4)
     for c, t in [(0, 0.0), (1, 1.0), (2, 2.0)]:
         policy.on_push(0, c, g(1), now=t)

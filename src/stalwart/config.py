@@ -150,7 +150,7 @@ class FaultsConfig(_Section):
 class RecoveryConfig(_Section):
     # none: a dead server ends the job. checkpoint: servers snapshot and persist their
     # shard; a restarted server resumes from the newest valid checkpoint. chain: each
-    # shard is a chain of `replicas` servers (see stalwart.server.chain).
+    # shard is a chain of `replicas` servers (see stalwart.recovery.chain).
     strategy: Literal["none", "checkpoint", "chain"] = "none"
     replicas: int = Field(2, ge=1, le=16, description="chain: servers per shard")
     mode: Literal["strong", "relaxed"] = Field("strong", description="chain: ack at the tail, or send state every every_updates")
@@ -223,7 +223,7 @@ class JobConfig(_Section):
                                  f"{self.cluster.workers} workers (0..{self.cluster.workers - 1})")
         for spec in self.faults.kills:
             rule = parse_kill(spec)
-            count = {"worker": self.cluster.workers,
+            count = {"worker": self.cluster.workers, "coordinator": 1,
                      "server": self.cluster.servers * self.recovery.replicas_per_shard}.get(rule.role,
                                                                                           self.cluster.servers)
             if rule.role in ("head", "middle", "tail") and self.recovery.strategy != "chain":

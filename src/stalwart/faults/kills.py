@@ -7,6 +7,8 @@ A rule reads ``ROLE:INDEX@WHEN[,down=DURATION]``:
 * ``server:1@20s,down=5s``  ...and restart it five seconds later
 * ``head:0@10s``            with chain replication: whichever process heads shard 0's
                             chain at that moment (also ``middle:0``, ``tail:0``)
+* ``coordinator:0@10s``     the control plane itself: its state is not persisted, so
+                            the job stops and says why (a test that it fails clearly)
 
 The global clock is the slowest live worker's iteration count, as the workers report
 it on their heartbeats. ``down`` defaults to the job's ``faults.down_s``; without
@@ -19,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_RULE = re.compile(r"^(?P<role>server|worker|head|middle|tail):(?P<index>\d+)@(?:(?P<seconds>\d+(?:\.\d+)?)s|clock=(?P<clock>\d+))"
+_RULE = re.compile(r"^(?P<role>server|worker|coordinator|head|middle|tail):(?P<index>\d+)@(?:(?P<seconds>\d+(?:\.\d+)?)s|clock=(?P<clock>\d+))"
                    r"(?:,down=(?P<down>\d+(?:\.\d+)?)s)?$")
 
 
@@ -39,8 +41,8 @@ class KillRule:
 def parse_kill(spec: str) -> KillRule:
     m = _RULE.match(spec.strip())
     if m is None:
-        raise ValueError(f"kill {spec!r}: expected ROLE:INDEX@WHEN[,down=Ns] with ROLE server, worker "
-                         f"(or head, middle, tail of a shard's chain) "
+        raise ValueError(f"kill {spec!r}: expected ROLE:INDEX@WHEN[,down=Ns] with ROLE server, worker, "
+                         f"coordinator (or head, middle, tail of a shard's chain) "
                          f"and WHEN like 30s or clock=200, e.g. server:0@30s,down=5s")
     return KillRule(m["role"], int(m["index"]),
                     float(m["seconds"]) if m["seconds"] is not None else None,

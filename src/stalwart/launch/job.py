@@ -170,6 +170,9 @@ class Job:
             if injector.rules:
                 clock = self._global_clock(control) if injector.waiting_on_clock() else None
                 for role, index in injector.tick(time.monotonic() - t_start, clock):
+                    if role == "coordinator":
+                        raise JobFailed("the coordinator was killed (fault injection); its state (membership, "
+                                        "chains) is not persisted, so the job cannot go on without it")
                     if role == "server" and c.recovery.strategy == "none":
                         raise JobFailed(f"server {index} was killed (fault injection) and recovery is 'none': "
                                         f"training cannot go on; use --recovery checkpoint")

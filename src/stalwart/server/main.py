@@ -14,7 +14,7 @@ from ..metrics import EventLog
 from ..recovery import Checkpointer
 from ..sync import parse_policy
 from ..transport import get_transport
-from .chain import ChainReplica, join_chain
+from ..recovery.chain import ChainReplica, join_chain
 from .optim import build_optimizer
 from .server import ParameterServer, serve_until
 

@@ -27,12 +27,12 @@ from ..transport.base import Listener
 from ..transport.service import FrameService, Session
 from .optim import ServerOptimizer
 
-from .chain import install_state
-from .chain import now as chain_now
+from ..recovery.chain import install_state
+from ..recovery.chain import now as chain_now
 
 if TYPE_CHECKING:
     from ..recovery import Checkpointer
-    from .chain import ChainReplica
+    from ..recovery.chain import ChainReplica
 
 
 class ReadWriteLock:

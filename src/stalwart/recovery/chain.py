@@ -43,7 +43,7 @@ from ..control import CoordinatorClient, CoordinatorError
 from ..transport import Connection, ConnectionClosed, Frame, Kind, ProtocolError, dial
 
 if TYPE_CHECKING:
-    from .server import ParameterServer
+    from ..server.server import ParameterServer
 
 REPAIR_POLL_S = 0.1
 
