@@ -21,7 +21,10 @@ def mark_kill(ax, kill: dict) -> None:
     ax.axvline(kill["at_s"], color="tab:red", ls="--", lw=1)
     if kill.get("recovered_s") is not None:
         ax.axvspan(kill["at_s"], kill["at_s"] + kill["recovered_s"], color="tab:red", alpha=0.08, lw=0)
-    ax.annotate(f"kill {kill['role']} {kill['index']}", (kill["at_s"], 0.02), rotation=90, fontsize=7,
+    what = f"{kill['role']} {kill['index']}"
+    if kill.get("rule", "").split(":")[0] in ("head", "middle", "tail"):
+        what = f"{kill['rule'].split('@')[0]} (server {kill['index']})"
+    ax.annotate(f"kill {what}", (kill["at_s"], 0.02), rotation=90, fontsize=7,
                 color="tab:red", xytext=(2, 0), textcoords="offset points")
     if kill.get("restarted_at_s") is not None:
         ax.axvline(kill["restarted_at_s"], color="tab:green", ls=":", lw=1)
