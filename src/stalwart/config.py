@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 
 def _one_of(value: str, known, what: str) -> str:
@@ -130,20 +131,13 @@ class FaultsConfig(_Section):
     # How long a killed role stays down before it is restarted; None: it stays dead.
     down_s: float | None = Field(None, ge=0)
 
-    @field_validator("stragglers")
+    @field_validator("stragglers", "kills")
     @classmethod
-    def _parse_stragglers(cls, value: list[str]) -> list[str]:
-        from .faults import parse_straggler
+    def _rules_parse(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        from .faults import parse_kill, parse_straggler
+        parse = parse_straggler if info.field_name == "stragglers" else parse_kill
         for spec in value:
-            parse_straggler(spec)
-        return value
-
-    @field_validator("kills")
-    @classmethod
-    def _parse_kills(cls, value: list[str]) -> list[str]:
-        from .faults import parse_kill
-        for spec in value:
-            parse_kill(spec)
+            parse(spec)
         return value
 
 
