@@ -142,12 +142,16 @@ def test_elastic_places_a_barrier_where_workers_meet_and_all_shards_hold_it():
     assert leader.hint_for(0) == {"barrier": 0, "clock": 7}
     assert leader.hint_for(1) == {"barrier": 0, "clock": 3}
     assert follower.hint_for(0) is None     # only the leader plans
+    hints = {0: leader.hint_for(0), 1: leader.hint_for(1)}
     for shard in (leader, follower):
-        shard.on_pull(0, 6, leader.hint_for(0), now=7.0)  # not its barrier clock yet
+        shard.on_push(0, 6, g(1), now=7.0, hint=hints[0])  # not its barrier clock yet
+        shard.on_pull(0, 6, hints[0])
         assert shard.may_proceed(0, 6)
-        shard.on_pull(0, 7, {"barrier": 0, "clock": 7}, now=8.0)
-        assert not shard.may_proceed(0, 7)
-        shard.on_pull(1, 3, {"barrier": 0, "clock": 3}, now=8.5)
+        shard.on_push(0, 7, g(1), now=8.0, hint=hints[0])  # arrives at the barrier...
+        shard.on_pull(0, 7, hints[0])
+        assert not shard.may_proceed(0, 7)                   # ...and waits there
+        shard.on_push(1, 3, g(1), now=8.5, hint=hints[1])  # the last one arrives: it opens
+        shard.on_pull(1, 3, hints[1])
         assert shard.may_proceed(0, 7) and shard.may_proceed(1, 3)
     (name, record), = leader.drain_events()
     assert name == "barrier" and record["clocks"] == {0: 7, 1: 3}
@@ -161,8 +165,10 @@ def test_elastic_adapts_when_a_worker_changes_speed():
     leader = parse_policy("elastic:20")(2, 4)
     _push_all(leader, [(0, 0, 0.0), (0, 1, 1.0), (1, 0, 0.0), (1, 1, 1.0)])
     assert leader.hint_for(0)["clock"] == leader.hint_for(1)["clock"]  # same speed, same clock
-    leader.on_pull(0, 3, leader.hint_for(0), now=3.0)
-    leader.on_pull(1, 3, leader.hint_for(1), now=3.0)
+    h0, h1 = leader.hint_for(0), leader.hint_for(1)
+    leader.on_push(0, 3, g(1), now=3.0, hint=h0)
+    leader.on_push(1, 3, g(1), now=3.0, hint=h1)
+    assert leader.released == 0
     # now worker 1 is three times slower
     _push_all(leader, [(0, 4, 4.0), (0, 5, 5.0), (1, 4, 6.0), (1, 5, 9.0)])
     # predicted: worker 0 at 5 + k -> 7, 8, ..., worker 1 at 9 + 3k -> 15, 18, ...; they meet
@@ -174,7 +180,9 @@ def test_elastic_adapts_when_a_worker_changes_speed():
 def test_elastic_worker_leaving_opens_the_barrier():
     leader = parse_policy("elastic:4")(2, 4)
     _push_all(leader, [(0, 0, 0.0), (0, 1, 1.0), (1, 0, 0.0), (1, 1, 1.0)])
-    leader.on_pull(0, 3, leader.hint_for(0), now=3.0)
+    hint = leader.hint_for(0)
+    leader.on_push(0, 3, g(1), now=3.0, hint=hint)
+    leader.on_pull(0, 3, hint)
     assert not leader.may_proceed(0, 3)
     leader.leave(1, now=4.0)
     assert leader.may_proceed(0, 3)

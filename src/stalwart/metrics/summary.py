@@ -84,7 +84,8 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     # A worker held at a gate waits on every shard at once: its wait is the longest.
     waits = [s.get("wait_s") or [] for s in servers.values()]
     wait_per_worker = [max(w[i] for w in waits if len(w) > i) for i in range(max(map(len, waits), default=0))]
-    barriers = by("barrier")
+    # With chains every replica of the leading shard logs the same barrier: count each once.
+    barriers = list({b["barrier"]: b for b in reversed(by("barrier"))}.values())
     recovery = config.get("recovery", {})
     kills, lost_updates = _kills(events, recovery.get("replicas", 1) if recovery.get("strategy") == "chain" else 1)
     staleness = sum(s.get("staleness_sum", 0) for s in servers.values())

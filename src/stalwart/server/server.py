@@ -173,9 +173,9 @@ class ParameterServer(FrameService):
         return self.policy.join(worker) if worker != NO_WORKER else 0
 
     def _apply_push(self, worker: int, clock: int, grad: np.ndarray, now: float,
-                    pulled_version: int | None) -> int:
+                    pulled_version: int | None, hint: dict | None = None) -> int:
         """Account a push and apply what the policy returns; returns the version. Holds _state."""
-        update = self.policy.on_push(worker, clock, grad, now)
+        update = self.policy.on_push(worker, clock, grad, now, hint)
         self.stats["pushes"] += 1
         self.stats["bytes_in"] += grad.nbytes
         if pulled_version is not None:
@@ -248,12 +248,13 @@ class ParameterServer(FrameService):
         return send
 
     def _replicate(self, op: str, frame: Frame, payload: np.ndarray | None, now: float,
-                   waiter: Callable[[], None] | None) -> None:
+                   waiter: Callable[[], None] | None, hint: dict | None = None) -> None:
         """Chain head: log an entry just applied and send it down. Holds _state."""
         chain = self.chain
         chain.last_lsn += 1
         entry = Frame(Kind.REPLICATE, shard=self.shard, worker=frame.worker, seq=chain.last_lsn,
-                      clock=frame.clock, meta={"op": op, "wseq": frame.seq, "now": now})
+                      clock=frame.clock, meta={"op": op, "wseq": frame.seq, "now": now,
+                                               **({"hint": hint} if hint else {})})
         if op == "push":
             chain.dedupe[frame.worker] = [frame.seq, chain.last_lsn, self.version]
         chain.append(entry, None if payload is None else payload.tobytes(), waiter)
@@ -280,6 +281,9 @@ class ParameterServer(FrameService):
         except _Rejected as exc:
             return self._reject(session, frame, str(exc))
         session.worker = frame.worker
+        hint = (frame.meta or {}).get("hint")
+        if hint is not None and not isinstance(hint, dict):
+            return self._reject(session, frame, f"PUSH hint must be a map, got {type(hint).__name__}")
         if self._not_head(session, frame):
             return
         with self._state:
@@ -293,14 +297,15 @@ class ParameterServer(FrameService):
             now = chain_now() if self.chain is not None else time.time()
             try:
                 version = self._apply_push(frame.worker, frame.clock, grad, now,
-                                           None if self.chain is not None else session.data.get("pulled_version", 0))
+                                           None if self.chain is not None else session.data.get("pulled_version", 0),
+                                           hint)
             except SyncError as exc:
                 return self._reject(session, frame, str(exc))
-            hint = self.policy.hint_for(frame.worker)
+            advice = self.policy.hint_for(frame.worker)
             decisions = self.policy.drain_events()
-            ack = self._ack(session, frame, version, None if hint is None else {"hint": hint})
+            ack = self._ack(session, frame, version, None if advice is None else {"hint": advice})
             if self.chain is not None:
-                self._replicate("push", frame, grad, now, ack)
+                self._replicate("push", frame, grad, now, ack, hint)
         if self.chain is None:
             ack()
         self._log_decisions(decisions)
@@ -414,7 +419,7 @@ class ParameterServer(FrameService):
                 payload = np.frombuffer(frame.payload, dtype=np.float32)
             try:
                 if op == "push":
-                    self._apply_push(frame.worker, frame.clock, payload, now, None)
+                    self._apply_push(frame.worker, frame.clock, payload, now, None, meta.get("hint"))
                     chain.dedupe[frame.worker] = [meta.get("wseq"), lsn, self.version]
                 elif op == "init":
                     self._apply_init(frame.worker, payload)

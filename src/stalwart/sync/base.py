@@ -16,8 +16,11 @@ of the pushes, so every shard, seeing the same pushes, gates the same way. Rules
 depend on *timing* (DSSP, ElasticBSP) would not agree: each shard sees pushes at
 slightly different instants. For those, shard 0 is the *leader*: it alone decides, and
 its decision travels as a small *hint* in its push acknowledgement to the worker, which
-relays the hint on its next pulls to every shard (``on_pull``). Followers act on the
-relayed hint, so all shards of a job hold a worker at the same barrier.
+relays the hint on its next pushes and pulls to every shard. Followers act on the
+relayed hint, so all shards of a job hold a worker at the same barrier. Whatever a
+hint changes in a policy's state arrives with a push (``on_push``), never with a pull
+(``on_pull`` only decides whether that pull waits): pushes are what a chain of
+replicas replicates, so every replica of a shard keeps the same policy state.
 """
 
 from __future__ import annotations
@@ -43,15 +46,18 @@ class SyncPolicy(ABC):
         self._events: list[tuple[str, dict]] = []
 
     @abstractmethod
-    def on_push(self, worker: int, clock: int, grad: np.ndarray, now: float = 0.0) -> np.ndarray | None:
-        """Account a push; return the gradient to apply now, or None to hold it."""
+    def on_push(self, worker: int, clock: int, grad: np.ndarray, now: float = 0.0,
+                hint: dict | None = None) -> np.ndarray | None:
+        """Account a push (with the hint the worker relays); return the gradient to apply
+        now, or None to hold it."""
 
     @abstractmethod
     def may_proceed(self, worker: int, clock: int) -> bool:
         """May ``worker``, having pushed ``clock``, pull and begin ``clock + 1``?"""
 
     def on_pull(self, worker: int, clock: int, hint: dict | None, now: float = 0.0) -> None:
-        """A pull for ``clock`` arrived carrying the hint the worker relays (if any)."""
+        """A pull for ``clock`` arrived carrying the hint the worker relays (if any); it
+        may only set what this pull waits for."""
 
     def hint_for(self, worker: int) -> dict | None:
         """What the leader asks ``worker`` to relay to every shard, or None."""
@@ -92,13 +98,14 @@ class SyncPolicy(ABC):
 class ApplyEveryPush(SyncPolicy):
     """Base of the policies without a global update step: each push is applied at once."""
 
-    def on_push(self, worker: int, clock: int, grad: np.ndarray, now: float = 0.0) -> np.ndarray | None:
+    def on_push(self, worker: int, clock: int, grad: np.ndarray, now: float = 0.0,
+                hint: dict | None = None) -> np.ndarray | None:
         self.clocks[worker] = max(clock, self.clocks.get(worker, -1))
         self.active.add(worker)  # a worker that left and came back is waited for again
-        self.on_timed_push(worker, clock, now)
+        self.on_timed_push(worker, clock, now, hint)
         return grad
 
-    def on_timed_push(self, worker: int, clock: int, now: float) -> None:
+    def on_timed_push(self, worker: int, clock: int, now: float, hint: dict | None) -> None:
         """Hook for policies that watch the timing of pushes."""
 
     def lr_scale(self) -> float:

@@ -30,7 +30,8 @@ class BSP(SyncPolicy):
         self._sum = np.zeros(shard_size, dtype=np.float32)
         self.synced = False  # becomes True with the first completed barrier
 
-    def on_push(self, worker: int, clock: int, grad: np.ndarray, now: float = 0.0) -> np.ndarray | None:
+    def on_push(self, worker: int, clock: int, grad: np.ndarray, now: float = 0.0,
+                hint: dict | None = None) -> np.ndarray | None:
         if not self.synced and clock > self.clock:
             self.clock, self.done_clock, self.pushed = clock, clock - 1, set()
         elif not self.synced and clock < self.clock:

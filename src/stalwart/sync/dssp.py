@@ -32,7 +32,7 @@ class DSSP(SSP):
         self.grants: dict[int, int] = {}   # worker -> extra clocks granted
         self._granted_at = -1               # slowest clock when the grants were made
 
-    def on_timed_push(self, worker: int, clock: int, now: float) -> None:
+    def on_timed_push(self, worker: int, clock: int, now: float, hint: dict | None) -> None:
         if worker in self.last_push:
             self.interval[worker] = now - self.last_push[worker]
         self.last_push[worker] = now

@@ -15,11 +15,11 @@ other as little as possible:
    worker with the smallest spread (ties to the earliest); worker ``i`` synchronizes
    after clock ``b_i``, its chosen one.
 4. **Barrier.** The plan rides to each worker as a hint on the leader's push
-   acknowledgements; the worker's pull after clock ``b_i`` carries it to every shard,
-   and every shard holds such pulls until all active workers have arrived (or left).
-   Every worker's pushes up to its ``b_i`` precede its barrier pull on the same
-   connection, so all of them are applied when the barrier opens and every worker
-   leaves it with the same parameters.
+   acknowledgements; the worker relays it to every shard on its push of clock ``b_i``
+   (its arrival at the barrier) and on the pull that follows, and every shard holds
+   such pulls until all active workers have arrived (or left). A shard releases a
+   barrier pull only once every worker's push up to its ``b_i`` has been applied, so
+   every worker leaves the barrier with the same parameters.
 
 Each barrier is logged with the predicted and the actual wait of every worker. A worker
 that changes speed changes its latest interval, so the next plan follows it.
@@ -52,7 +52,12 @@ class ElasticBSP(ApplyEveryPush):
         self.plan: dict | None = None
 
     # --- leader: monitor, predict, choose ---------------------------------------------
-    def on_timed_push(self, worker: int, clock: int, now: float) -> None:
+    def on_timed_push(self, worker: int, clock: int, now: float, hint: dict | None) -> None:
+        barrier = self._barrier_of(worker, clock, hint)
+        if barrier is not None:
+            self.arrivals.setdefault(barrier, {})[worker] = now
+            self._open_if_complete(now)
+            return  # the interval up to the next push holds the barrier wait: not monitored
         if not self.leader:
             return
         pushes = self.recent.setdefault(worker, [])
@@ -91,20 +96,24 @@ class ElasticBSP(ApplyEveryPush):
         return {"barrier": plan["barrier"], "clock": plan["clocks"][worker]}
 
     # --- every shard: the barrier itself ----------------------------------------------
-    def on_pull(self, worker: int, clock: int, hint: dict | None, now: float = 0.0) -> None:
-        self.waiting.pop(worker, None)
+    def _barrier_of(self, worker: int, clock: int, hint: dict | None) -> int | None:
+        """The barrier this request of ``clock`` belongs to, if the relayed hint names one."""
         if not hint:
-            return
+            return None
         barrier, at = hint.get("barrier"), hint.get("clock")
         if type(barrier) is not int or type(at) is not int or barrier < 0:
             raise SyncError(f"worker {worker} relayed a malformed barrier hint {hint!r}")
         if at != clock or barrier <= self.released:
-            return  # not this pull's barrier, or one already opened
+            return None  # not this request's barrier, or one already opened
         if self.leader and (self.plan is None or barrier != self.plan["barrier"]):
             raise SyncError(f"worker {worker} relayed barrier {barrier}, which the leader never placed")
-        self.arrivals.setdefault(barrier, {})[worker] = now
-        self.waiting[worker] = barrier
-        self._open_if_complete(now)
+        return barrier
+
+    def on_pull(self, worker: int, clock: int, hint: dict | None, now: float = 0.0) -> None:
+        self.waiting.pop(worker, None)
+        barrier = self._barrier_of(worker, clock, hint)
+        if barrier is not None:
+            self.waiting[worker] = barrier  # held until the barrier opens (pushes open it)
 
     def may_proceed(self, worker: int, clock: int) -> bool:
         barrier = self.waiting.get(worker)

@@ -108,16 +108,20 @@ class ParameterClient:
                              f"got {flat.dtype} {flat.shape}")
         return [memoryview(flat[self.bounds[s]:self.bounds[s + 1]]).cast("B") for s in range(self.shards)]
 
-    def _recv(self, s: int, expect: Kind, into: memoryview | None = None) -> Frame:
+    def _recv(self, s: int, expect: Kind, into: memoryview | None = None,
+              also: Kind | None = None) -> Frame:
+        """The next reply on the connection for ``expect`` (or ``also``, which may come
+        first when push and pull share a connection: a chain's head acknowledges a push
+        only once the tail holds it, and may answer the pull before)."""
         conn = self.pull_conns[s] if expect == Kind.PARAMS else self.conns[s]
-        frame = conn.recv(None if into is None else (lambda f: into))
+        frame = conn.recv(None if into is None else (lambda f: into if f.kind == Kind.PARAMS else None))
         if frame.kind == Kind.STOP:
             raise JobStopping()
         if frame.kind == Kind.ERROR and (frame.meta or {}).get("redirect"):
             raise Redirect(f"shard {s}: {frame.meta.get('reason')}")
         if frame.kind == Kind.ERROR:
             raise ServerError(f"shard {s}: {(frame.meta or {}).get('reason', 'unspecified error')}")
-        if frame.kind != expect:
+        if frame.kind != expect and frame.kind != also:
             raise ProtocolError(f"shard {s} answered {frame.kind.name}, expected {expect.name}")
         return frame
 
@@ -167,15 +171,21 @@ class ParameterClient:
 
     def _send(self, s: int, grads, targets, clock: int, wait: bool, pull_meta: dict | None) -> None:
         if grads is not None:
-            self.conns[s].send(Frame(Kind.PUSH, shard=s, worker=self.worker, seq=self.seq, clock=clock), grads[s])
+            self.conns[s].send(Frame(Kind.PUSH, shard=s, worker=self.worker, seq=self.seq, clock=clock,
+                                     meta=None if self.hint is None else {"hint": self.hint}), grads[s])
         if targets is not None:
             flags = (0 if wait else Flag.ASYNC_PULL) | (Flag.AFTER_PUSH if grads is not None else 0)
             self.pull_conns[s].send(Frame(Kind.PULL, shard=s, worker=self.worker, seq=self.seq, clock=clock,
                                           flags=flags, meta=pull_meta))
 
     def _receive(self, s: int, grads, targets, hint: dict | None) -> dict | None:
+        params = None
         if grads is not None:
-            ack = self._recv(s, Kind.PUSH_ACK)
+            shared = targets is not None and self.conns[s] is self.pull_conns[s]
+            ack = self._recv(s, Kind.PUSH_ACK, targets[s] if shared else None,
+                             also=Kind.PARAMS if shared else None)
+            if ack.kind == Kind.PARAMS:
+                params, ack = ack, self._recv(s, Kind.PUSH_ACK)
             self.versions[s] = self.acked_versions[s] = ack.clock
             hint = (ack.meta or {}).get("hint", hint)
             self.bytes_pushed += grads[s].nbytes
@@ -183,7 +193,8 @@ class ParameterClient:
                 self._acked_seq[s] = self.seq
                 self.pushes_acked += 1
         if targets is not None:
-            self.versions[s] = self._recv(s, Kind.PARAMS, targets[s]).clock
+            params = params or self._recv(s, Kind.PARAMS, targets[s])
+            self.versions[s] = max(self.versions[s], params.clock)
             self.bytes_pulled += targets[s].nbytes
         return hint
 
