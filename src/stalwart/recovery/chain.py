@@ -334,10 +334,7 @@ class ChainReplica:
             if self.mode == "relaxed":
                 with self.server._state:
                     frame, payload = state_frame(self.server, self.last_lsn, self.dedupe)
-                try:
-                    conn.send(frame, payload)
-                except (ConnectionError, OSError):
-                    self._broken(new)
+                self.forward_state(frame, payload)  # the new successor starts from our state
 
     def _changed(self, why: str) -> None:
         with self.server._state:
@@ -419,7 +416,3 @@ def join_chain(server: "ParameterServer", chain: ChainReplica, timeout_s: float 
         return
     raise RuntimeError(f"server {chain.index} could not join shard {server.shard}'s chain in {timeout_s}s")
 
-
-def now() -> float:
-    """Wall time: the head stamps entries with it, and every replica decides with it."""
-    return time.time()

@@ -28,7 +28,6 @@ from ..transport.service import FrameService, Session
 from .optim import ServerOptimizer
 
 from ..recovery.chain import install_state
-from ..recovery.chain import now as chain_now
 
 if TYPE_CHECKING:
     from ..recovery import Checkpointer
@@ -272,7 +271,7 @@ class ParameterServer(FrameService):
             # A worker (re)joining learns the clock to continue from.
             ack = self._ack(session, frame, self.version, {"resume_clock": resume})
             if self.chain is not None:
-                return self._replicate("init", frame, values, chain_now(), ack)
+                return self._replicate("init", frame, values, time.time(), ack)
         ack()
 
     def _on_push(self, session: Session, frame: Frame) -> None:
@@ -294,7 +293,7 @@ class ParameterServer(FrameService):
                 if seen is not None and seen[0] == frame.seq:
                     # A resend of a push we hold (the worker lost our predecessor as head).
                     return self.chain.wait_durable(seen[1], self._ack(session, frame, seen[2], None))
-            now = chain_now() if self.chain is not None else time.time()
+            now = time.time()  # wall time: a chain's head stamps it into the entry for every replica
             try:
                 version = self._apply_push(frame.worker, frame.clock, grad, now,
                                            None if self.chain is not None else session.data.get("pulled_version", 0),
@@ -372,7 +371,7 @@ class ParameterServer(FrameService):
         if self.chain is not None and not self.chain.is_head():
             return  # only the head decides membership; its entry reaches every replica
         with self._state:
-            now = chain_now() if self.chain is not None else time.time()
+            now = time.time()  # wall time: a chain's head stamps it into the entry for every replica
             self._apply_leave(frame.worker, now)
             if self.chain is not None:
                 self._replicate("leave", frame, None, now, None)
