@@ -38,9 +38,9 @@ def _kills(events: list[dict], replicas: int) -> tuple[list[dict], int]:
     ``recovered_s``: seconds from the kill until updates were applied again through the
     killed role: for a server, by a server of its shard (its replacement, or with a
     chain the replica that took its place); for a worker, by any server after losing
-    it. ``lost_updates``, for a server kill: the newest version a worker saw
-    acknowledged by the shard before it, minus the version the shard had when the
-    workers found it again (None when no worker had to reconnect).
+    it. ``lost_updates``, for a server kill: the most, over the workers that had to
+    reconnect, by which the version a worker last saw acknowledged by the shard exceeds
+    the version it found there on reconnecting (None when no worker had to reconnect).
     """
     kills, lost_total = [], 0
     for k in (e for e in events if e["event"] == "kill"):
@@ -60,7 +60,9 @@ def _kills(events: list[dict], replicas: int) -> tuple[list[dict], int]:
             found = [e for e in after if e["event"] == "reconnected" and e["shard"] == shard
                      and e["t"] < later_kill and e.get("found_version") is not None]
             entry["resumed_version"] = min((e["found_version"] for e in found), default=None)
-            entry["lost_updates"] = max(0, max(e["last_acked_version"] for e in found) - entry["resumed_version"]) \
+            # Each worker against what it found itself: reconnections are staggered and
+            # updates go on in between, so one worker's newer ack is no loss to another.
+            entry["lost_updates"] = max(max(0, e["last_acked_version"] - e["found_version"]) for e in found) \
                 if found else None
             lost_total += entry["lost_updates"] or 0
         kills.append(entry)
