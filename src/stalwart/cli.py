@@ -45,11 +45,15 @@ def train(
     target_accuracy: Optional[float] = typer.Option(None, help="report the time to reach this test accuracy"),
     stop_at_target: Optional[bool] = typer.Option(None, help="stop once the target accuracy is reached"),
     seed: Optional[int] = typer.Option(None, help="seed of data, initial weights and shuffling"),
-    recovery: Optional[str] = typer.Option(None, help="what survives a dead server: none | checkpoint | chain"),
+    recovery: Optional[str] = typer.Option(
+        None, help="what survives a dead server: none | checkpoint | chain | stateless"),
     replicas: Optional[int] = typer.Option(None, help="chain: server processes per shard (>= 2)"),
     chain_mode: Optional[str] = typer.Option(None, help="chain: strong (ack at the tail) | relaxed (state every N updates)"),
     checkpoint_every: Optional[int] = typer.Option(
         None, help="checkpoint: snapshot every N updates; relaxed chain: send the state every N updates"),
+    flush_rule: Optional[str] = typer.Option(
+        None, help="stateless: how a worker's backlog is applied: sum | mean | staleness | clip"),
+    backlog_max: Optional[int] = typer.Option(None, help="stateless: local steps a worker may owe a shard"),
     kill: Optional[list[str]] = typer.Option(
         None, "--kill", help="SIGKILL a role: server:0@30s | worker:1@clock=200 | server:0@20s,down=5s | "
                              "head:0@10s (chain position of shard 0; also middle, tail) (repeatable)"),
@@ -80,6 +84,7 @@ def train(
         "faults.kills": kill or None, "faults.down_s": _seconds(down) if down else None,
         "recovery.strategy": recovery, "recovery.every_updates": checkpoint_every,
         "recovery.replicas": replicas, "recovery.mode": chain_mode,
+        "recovery.flush_rule": flush_rule, "recovery.backlog_max": backlog_max,
         "out": str(out) if out else None, "name": name,
         "tensorboard": str(tensorboard) if tensorboard else None,
         "progress": False if quiet else None,

@@ -144,8 +144,9 @@ class FaultsConfig(_Section):
 class RecoveryConfig(_Section):
     # none: a dead server ends the job. checkpoint: servers snapshot and persist their
     # shard; a restarted server resumes from the newest valid checkpoint. chain: each
-    # shard is a chain of `replicas` servers (see stalwart.recovery.chain).
-    strategy: Literal["none", "checkpoint", "chain"] = "none"
+    # shard is a chain of `replicas` servers (see stalwart.recovery.chain). stateless:
+    # workers train through the outage and rebuild the server (stalwart.recovery.stateless).
+    strategy: Literal["none", "checkpoint", "chain", "stateless"] = "none"
     replicas: int = Field(2, ge=1, le=16, description="chain: servers per shard")
     mode: Literal["strong", "relaxed"] = Field("strong", description="chain: ack at the tail, or send state every every_updates")
     every_updates: int | None = Field(200, ge=1, description="snapshot (or relaxed chain state) after this many updates")
@@ -153,11 +154,20 @@ class RecoveryConfig(_Section):
     keep: int = Field(3, ge=1, le=100, description="checkpoint files kept per shard")
     dir: Path | None = Field(None, description="default: <run dir>/checkpoints")
     reconnect_s: float = Field(60.0, gt=0, le=3600, description="how long workers wait for a server")
+    backlog_max: int = Field(1000, ge=1, description="stateless: local steps a worker may owe a shard")
+    when_full: Literal["wait", "drop"] = Field(
+        "wait", description="stateless, backlog full: wait for the server, or train on without owing more")
+    flush_rule: Literal["sum", "mean", "staleness", "clip"] = Field(
+        "mean", description="stateless: how a backlog is applied (see stalwart.recovery.stateless.flush_scale)")
+    flush_clip: float = Field(1.0, gt=0, description="stateless, clip rule: largest L2 norm of a flushed change")
+    rebuild_window_s: float = Field(1.0, gt=0, le=60, description="stateless: how long a fresh server collects copies")
+    snapshot: bool = Field(False, description="stateless: also snapshot to disk, a rebuild candidate if newer")
 
     @model_validator(mode="after")
     def _has_a_trigger(self) -> "RecoveryConfig":
-        if self.strategy == "checkpoint" and self.every_updates is None and self.every_s is None:
-            raise ValueError("checkpoint recovery needs every_updates or every_s")
+        snapshots = self.strategy == "checkpoint" or (self.strategy == "stateless" and self.snapshot)
+        if snapshots and self.every_updates is None and self.every_s is None:
+            raise ValueError(f"{self.strategy} recovery with snapshots needs every_updates or every_s")
         if self.strategy == "chain" and self.replicas < 2:
             raise ValueError(f"chain replication needs replicas >= 2, got {self.replicas}")
         if self.strategy == "chain" and self.mode == "relaxed" and self.every_updates is None:

@@ -15,6 +15,8 @@ class Exit:
     index: int
     pid: int
     returncode: int
+    cpu_s: float | None = None        # user + system CPU time of the process, where known
+    max_rss_mb: float | None = None   # its peak resident memory, where known
 
     def describe(self) -> str:
         if self.returncode < 0:

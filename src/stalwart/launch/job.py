@@ -30,6 +30,11 @@ from .cluster import Cluster, ClusterError
 STOP_TIMEOUT_S = 30.0
 
 
+def _log_exit(log: EventLog, e: Exit) -> None:
+    log.emit("role_exit", member_role=e.role, member_index=e.index, returncode=e.returncode,
+             cpu_s=e.cpu_s, max_rss_mb=e.max_rss_mb)
+
+
 class JobFailed(RuntimeError):
     """The job could not run to its end; the message says which role failed and how."""
 
@@ -86,7 +91,7 @@ class Job:
             status, error = "failed", str(exc)
         finally:
             for e in launcher.shutdown(grace_s=5.0):
-                log.emit("role_exit", member_role=e.role, member_index=e.index, returncode=e.returncode)
+                _log_exit(log, e)
             log.emit("job_end", status=status, error=error)
             log.close()
             self.summary = write_summary(run_dir, status=status, error=error)
@@ -113,7 +118,7 @@ class Job:
 
         def check(exits: list[Exit]) -> None:
             for e in exits:
-                log.emit("role_exit", member_role=e.role, member_index=e.index, returncode=e.returncode)
+                _log_exit(log, e)
                 if injector is not None and injector.expects_exit(e.role, e.index):
                     continue  # killed on purpose: the job goes on
                 if e.returncode == 0 and e.role == "worker":
@@ -175,7 +180,7 @@ class Job:
                                         "chains) is not persisted, so the job cannot go on without it")
                     if role == "server" and c.recovery.strategy == "none":
                         raise JobFailed(f"server {index} was killed (fault injection) and recovery is 'none': "
-                                        f"training cannot go on; use --recovery checkpoint")
+                                        f"training cannot go on; use --recovery checkpoint, chain or stateless")
             if time.monotonic() < next_eval:
                 continue
             next_eval += c.train.eval_interval_s

@@ -59,7 +59,11 @@ class LocalLauncher(Launcher):
             self._poll.unregister(fd)
             os.close(fd)
             proc = self.procs.pop(key)
-            exits.append(Exit(key[0], key[1], proc.pid, proc.wait()))
+            # Reap it ourselves: wait4 also gives the process's CPU time and peak memory.
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            exits.append(Exit(key[0], key[1], proc.pid, proc.returncode, cpu_s=usage.ru_utime + usage.ru_stime,
+                              max_rss_mb=usage.ru_maxrss / 1024))
         return exits
 
     def running(self) -> list[RoleKey]:

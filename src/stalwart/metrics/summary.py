@@ -32,6 +32,34 @@ def _barrier_accuracy(barriers: list[dict]) -> dict[str, Any]:
             "zipline_s": sum(b["zipline_s"] for b in barriers) / len(barriers)}
 
 
+def _accuracy_around(curve: list[dict], kill: dict) -> dict[str, float | None]:
+    """Test accuracy at the last evaluation before a kill and the first after recovery."""
+    before = [p["accuracy"] for p in curve if p["elapsed_s"] <= kill["at_s"]]
+    back = kill["at_s"] + kill["recovered_s"] if kill["recovered_s"] is not None else None
+    after = [p["accuracy"] for p in curve if back is not None and p["elapsed_s"] >= back]
+    return {"accuracy_before": before[-1] if before else None, "accuracy_after": after[0] if after else None}
+
+
+def _resources(events: list[dict]) -> dict[str, float | None]:
+    """CPU seconds and peak memory of every role process (killed ones included)."""
+    exits = [e for e in events if e["event"] == "role_exit" and e.get("cpu_s") is not None]
+    if not exits:
+        return {"cpu_s": None, "max_rss_mb": None, "sum_rss_mb": None}
+    return {"cpu_s": sum(e["cpu_s"] for e in exits), "max_rss_mb": max(e["max_rss_mb"] for e in exits),
+            # the footprint of the job's processes, had they all peaked at once
+            "sum_rss_mb": sum(e["max_rss_mb"] for e in exits)}
+
+
+def _stateless(events: list[dict]) -> dict[str, Any]:
+    """Training through outages: compute done meanwhile, and what was flushed back."""
+    stops = [e for e in events if e["event"] == "worker_stop"]
+    flushed = [e for e in events if e["event"] == "flushed"]
+    return {"compute_while_down_s": sum(e.get("compute_while_down_s", 0.0) for e in stops),
+            "flushes": len(flushed),
+            "flushed_steps": sum(e["count"] for e in flushed),
+            "flush_staleness_max": max((e["staleness"] for e in flushed), default=None)}
+
+
 def _kills(events: list[dict], replicas: int) -> tuple[list[dict], int]:
     """Each injected kill with its restart and recovery; and the updates lost in all.
 
@@ -90,6 +118,8 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     barriers = list({b["barrier"]: b for b in reversed(by("barrier"))}.values())
     recovery = config.get("recovery", {})
     kills, lost_updates = _kills(events, recovery.get("replicas", 1) if recovery.get("strategy") == "chain" else 1)
+    for kill in kills:
+        kill.update(_accuracy_around(curve, kill))
     staleness = sum(s.get("staleness_sum", 0) for s in servers.values())
     return {
         "run_dir": str(run_dir),
@@ -125,6 +155,8 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "recovery": recovery.get("strategy", "none") + (f"/{recovery.get('mode')}" if recovery.get("strategy") == "chain" else ""),
         "kills": kills,
         "lost_updates": lost_updates,
+        **_stateless(events),
+        **_resources(events),
         **_barrier_accuracy(barriers),
         "curve": curve,
     }

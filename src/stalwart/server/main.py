@@ -7,6 +7,7 @@ Without chains, server process ``i`` serves shard ``i``; with chain replication 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 from ..control import CoordinatorClient
@@ -15,6 +16,7 @@ from ..recovery import Checkpointer
 from ..sync import parse_policy
 from ..transport import get_transport
 from ..recovery.chain import ChainReplica, join_chain
+from ..recovery.stateless import RebuildWindow
 from .optim import build_optimizer
 from .server import ParameterServer, serve_until
 
@@ -31,14 +33,19 @@ def run_server(spec, index: int) -> int:
                                 weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
     policy = parse_policy(job.sync.policy)(job.cluster.workers, size, leader=shard == 0)
     checkpointer = None
-    if r.strategy == "checkpoint":
+    if r.strategy == "checkpoint" or (r.strategy == "stateless" and r.snapshot):
         checkpointer = Checkpointer(r.dir or Path(spec.run_dir) / "checkpoints", shard, log,
                                     every_updates=r.every_updates, every_s=r.every_s, keep=r.keep)
     listener = get_transport(job.cluster.transport).listen(job.cluster.host, 0)
     server = ParameterServer(listener, token, log, shard=shard, size=size, optimizer=optimizer,
                              policy=policy, workers=job.cluster.workers, checkpointer=checkpointer)
+    if r.strategy == "stateless":
+        server.attach_stateless(RebuildWindow(job.cluster.workers, r.rebuild_window_s), r.flush_rule, r.flush_clip)
     if checkpointer is not None and (loaded := checkpointer.load_newest()) is not None:
-        server.restore(*loaded)
+        if server.rebuild is not None and "params" in loaded[1]:  # stateless: a candidate among the workers' copies
+            server.rebuild.offer("snapshot", loaded[0], 0, loaded[1]["params"], time.monotonic())
+        else:
+            server.restore(*loaded)
     done = threading.Event()
     control = CoordinatorClient(spec.coordinator, token, "server", index)
     chain = None

@@ -28,6 +28,7 @@ from ..transport.service import FrameService, Session
 from .optim import ServerOptimizer
 
 from ..recovery.chain import install_state
+from ..recovery.stateless import RebuildWindow, flush_scale
 
 if TYPE_CHECKING:
     from ..recovery import Checkpointer
@@ -91,6 +92,8 @@ class ParameterServer(FrameService):
         self.wait_s = [0.0] * workers  # seconds each worker's pulls spent held at the gate
         self.checkpointer = checkpointer
         self.chain: "ChainReplica | None" = None
+        self.rebuild: RebuildWindow | None = None  # stateless: how a fresh server finds its state
+        self.flush_rule, self.flush_clip = "mean", 1.0
         # After a (re)start, a lost worker or a change of chain, the next applied update
         # is logged: the moment training through this shard resumed.
         self._resume_reason: str | None = "start"
@@ -100,11 +103,15 @@ class ParameterServer(FrameService):
         # A whole-state transfer carries parameters, optimizer and policy arrays.
         self.max_payload = 6 * self.nbytes + (1 << 20)
 
+    def attach_stateless(self, rebuild: RebuildWindow, flush_rule: str, flush_clip: float) -> None:
+        flush_scale(flush_rule, self.params[:0], self.workers, 0, flush_clip)  # an unknown rule fails now
+        self.rebuild, self.flush_rule, self.flush_clip = rebuild, flush_rule, flush_clip
+
     # --- wire ----------------------------------------------------------------------
     def payload_sink(self, session: Session, frame: Frame) -> memoryview | None:
         if frame.kind == Kind.STATE and self.chain is not None:
             return None  # a fresh buffer of the announced size (bounded by max_payload)
-        if frame.kind not in (Kind.PUSH, Kind.INIT, Kind.REPLICATE):
+        if frame.kind not in (Kind.PUSH, Kind.INIT, Kind.REPLICATE, Kind.FLUSH):
             raise ProtocolError(f"{frame.kind.name} frames carry no payload here")
         if frame.shard != self.shard:
             raise ProtocolError(f"{frame.kind.name} for shard {frame.shard} sent to shard {self.shard}")
@@ -114,7 +121,7 @@ class ParameterServer(FrameService):
         return memoryview(buf).cast("B")
 
     def handle(self, session: Session, frame: Frame) -> None:
-        if frame.kind in (Kind.PUSH, Kind.INIT, Kind.PULL, Kind.DONE, Kind.REPLICATE, Kind.STATE):
+        if frame.kind in (Kind.PUSH, Kind.INIT, Kind.PULL, Kind.DONE, Kind.REPLICATE, Kind.STATE, Kind.FLUSH):
             if frame.shard != self.shard:
                 raise ProtocolError(f"{frame.kind.name} for shard {frame.shard} sent to shard {self.shard}")
             if frame.worker != NO_WORKER and frame.worker >= self.workers:
@@ -127,6 +134,8 @@ class ParameterServer(FrameService):
             self._on_init(session, frame)
         elif frame.kind == Kind.DONE:
             self._on_done(session, frame)
+        elif frame.kind == Kind.FLUSH:
+            self._on_flush(session, frame)
         elif self.chain is not None and frame.kind in (Kind.REPLICATE, Kind.REPLICATE_ACK, Kind.STATE):
             self._on_chain(session, frame)
         elif self.chain is not None and frame.kind == Kind.REQUEST and (frame.meta or {}).get("op") == "chain_join":
@@ -266,13 +275,73 @@ class ParameterServer(FrameService):
             return self._reject(session, frame, str(exc))
         if self._not_head(session, frame):
             return
+        offered = (frame.meta or {}).get("version")
+        if offered is not None and (type(offered) is not int or offered < 0):
+            return self._reject(session, frame, f"INIT version must be a non-negative integer, got {offered!r}")
         with self._state:
+            if self.rebuild is not None and offered is not None:
+                self._offer_for_rebuild(frame.worker, offered, frame.clock, values)
             resume = self._apply_init(frame.worker, values)
+            if self.rebuild is not None and self.rebuild.offered:
+                resume = max(resume, self.rebuild.max_clock + 1)  # after the furthest worker's clock
             # A worker (re)joining learns the clock to continue from.
             ack = self._ack(session, frame, self.version, {"resume_clock": resume})
             if self.chain is not None:
                 return self._replicate("init", frame, values, time.time(), ack)
         ack()
+
+    def _offer_for_rebuild(self, worker: int, version: int, clock: int, values: np.ndarray) -> None:
+        """Stateless: a worker offers its copy; wait until the window closes, then the
+        freshest copy offered becomes the shard (by whichever offer sees it close first).
+        Holds _state."""
+        rebuild = self.rebuild
+        if self.initialized or (version == 0 and rebuild.best is None):
+            return  # rebuilt already, or the job's start (first offer wins): nothing to choose
+        rebuild.offer(f"worker {worker}", version, clock, values, time.monotonic(), worker=worker)
+        self._state.notify_all()
+        while not self.initialized and not self.stopping and rebuild.is_open:
+            left = rebuild.time_left(time.monotonic())
+            if left <= 0:
+                with self._rw.write():
+                    np.copyto(self.params, rebuild.best)
+                self.version, self.initialized = rebuild.best_version, True
+                rebuild.best = None  # the copy is the shard now
+                self._state.notify_all()
+                self.log.emit("rebuilt", shard=self.shard, version=self.version, source=rebuild.best_source,
+                              offers=len(rebuild.offered), clock=rebuild.max_clock)
+                return
+            self._state.wait(left)
+
+    def _on_flush(self, session: Session, frame: Frame) -> None:
+        """Stateless: apply a worker's backlog (the summed change of its local steps)."""
+        if self.rebuild is None:
+            return self._reject(session, frame, "FLUSH needs stateless recovery; this server is not stateless")
+        try:
+            delta = self._payload(frame)
+        except _Rejected as exc:
+            return self._reject(session, frame, str(exc))
+        meta = frame.meta or {}
+        count, base = meta.get("count"), meta.get("base_version")
+        if type(count) is not int or count < 0 or type(base) is not int or base < 0:
+            return self._reject(session, frame, f"FLUSH needs integer count and base_version >= 0, "
+                                                f"got {count!r} and {base!r}")
+        with self._state:
+            while not self.initialized and not self.stopping:
+                self._state.wait()
+            staleness = max(0, self.version - base)
+            scale = flush_scale(self.flush_rule, delta, self.workers, staleness, self.flush_clip)
+            with self._rw.write():
+                self.params += np.float32(scale) * delta
+                self.version += 1
+            self._state.notify_all()
+            version = self.version
+            if self._resume_reason is not None:
+                self.log.emit("updates_resumed", shard=self.shard, after=self._resume_reason, version=version)
+                self._resume_reason = None
+        self.log.emit("flush_applied", shard=self.shard, worker=frame.worker, count=count, base_version=base,
+                      staleness=staleness, scale=scale, rule=self.flush_rule, version=version)
+        session.conn.send(Frame(Kind.PUSH_ACK, shard=self.shard, worker=frame.worker, clock=version,
+                                meta={"staleness": staleness, "scale": scale}))
 
     def _on_push(self, session: Session, frame: Frame) -> None:
         try:

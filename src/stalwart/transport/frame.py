@@ -39,6 +39,7 @@ class Kind(enum.IntEnum):
     PARAMS = 13        # server -> worker: payload = shard parameters, clock = version
     INIT = 14          # worker -> server: initial parameters (first one wins)
     DONE = 15          # worker -> server: leaving the job; sync policies stop waiting
+    FLUSH = 16         # worker -> stateless server: the summed change of a backlog (meta: count, base_version)
     REQUEST = 20       # control: meta {"op": ..., ...}
     REPLY = 21         # control: meta
     STOP = 22          # server -> worker: the job is stopping, do not wait further

@@ -15,6 +15,10 @@ connection it offers its own parameters (a server restarted with no state of its
 keeps the first offer; one restored from a checkpoint or a chain ignores it), resends
 the push it was making (a chain recognizes a push it already holds), and pulls. Each
 recovery is reported through ``on_event``.
+
+With ``detachable`` (stateless servers, :mod:`stalwart.recovery.stateless`) a broken
+shard is not waited for: it joins ``detached``, later requests skip it, and its owner
+trains it locally until :meth:`reattach` and :meth:`flush` bring it back.
 """
 
 from __future__ import annotations
@@ -51,12 +55,16 @@ class ParameterClient:
                  worker: int = NO_WORKER, transport: str = "tcp", timeout: float = 10.0,
                  tails: list[str] | None = None,
                  resolve: Callable[[list[str]], tuple[list[str], list[str]]] | None = None,
-                 reconnect_s: float = 0.0, on_event: Callable[..., None] | None = None):
+                 reconnect_s: float = 0.0, on_event: Callable[..., None] | None = None,
+                 detachable: bool = False):
         if len(bounds) != len(shards) + 1:
             raise ValueError(f"{len(shards)} shards need {len(shards) + 1} bounds, got {len(bounds)}")
         self.worker, self.bounds = worker, bounds
         self.token, self.transport, self.timeout = token, transport, timeout
         self.resolve, self.reconnect_s, self.on_event = resolve, reconnect_s, on_event
+        self.detachable = detachable
+        self.detached: set[int] = set()            # shards being trained through locally
+        self._detached: dict[int, tuple[float, list[str]]] = {}  # shard -> (since, failed peers)
         self.conns: list[Connection] = []       # pushes (a chain's head)
         self.pull_conns: list[Connection] = []  # pulls (a chain's tail; else the same connection)
         try:
@@ -150,13 +158,14 @@ class ParameterClient:
         self.pushes_sent += grads is not None
         pull_meta = {"hint": self.hint} if self.hint is not None and wait else None
         broken: set[int] = set()
-        for s in range(self.shards):
+        live = [s for s in range(self.shards) if s not in self.detached]
+        for s in live:
             try:
                 self._send(s, grads, targets, clock, wait, pull_meta)
             except (ConnectionError, OSError):
                 broken.add(s)
         hint = None
-        for s in range(self.shards):
+        for s in live:
             if s in broken:
                 continue
             try:
@@ -164,7 +173,10 @@ class ParameterClient:
             except (ConnectionError, OSError):
                 broken.add(s)
         for s in sorted(broken):
-            hint = self._recover(s, grads, targets, clock, wait, pull_meta, hint)
+            if self.detachable:
+                self.detach(s)
+            else:
+                hint = self._recover(s, grads, targets, clock, wait, pull_meta, hint)
         if grads is not None:
             self.hint = hint
         return list(self.versions)
@@ -232,6 +244,42 @@ class ParameterClient:
                           last_acked_version=last_acked, found_version=found, server_version=self.versions[s])
         return hint
 
+    # --- stateless servers: detach, reattach, flush --------------------------------------
+    def detach(self, s: int) -> None:
+        """Stop talking to shard ``s`` (its connection broke) until it is reattached."""
+        peers = [p for p in self._disconnect(s) if p]
+        since, failed = self._detached.get(s, (time.monotonic(), []))
+        self._detached[s] = (since, failed or peers)
+        self.detached.add(s)
+
+    def reattach(self, s: int, base: np.ndarray, version: int, clock: int) -> tuple[int, int]:
+        """Find shard ``s`` again and offer ``base`` (our copy, at ``version``) for its
+        rebuild; returns (the version it was rebuilt at, the clock to continue from)."""
+        since, failed = self._detached[s]
+        heads, tails = self.resolve(failed)
+        self._connect(s, heads[s], tails[s])
+        self.conns[s].send(Frame(Kind.INIT, shard=s, worker=self.worker, clock=clock,
+                                 meta={"version": version}), memoryview(base).cast("B"))
+        ack = self._recv(s, Kind.PUSH_ACK)
+        resume = (ack.meta or {}).get("resume_clock", 0)
+        if self.on_event is not None:
+            self.on_event("reconnected", shard=s, attempts=None, waited_s=round(time.monotonic() - since, 4),
+                          last_acked_version=self.acked_versions[s], found_version=ack.clock,
+                          server_version=ack.clock)
+        return ack.clock, resume if type(resume) is int and resume >= 0 else 0
+
+    def flush(self, s: int, delta: np.ndarray, count: int, base_version: int) -> dict:
+        """Send shard ``s`` the summed change of ``count`` local steps made from
+        ``base_version``; returns the server's answer (version, staleness, scale)."""
+        self.conns[s].send(Frame(Kind.FLUSH, shard=s, worker=self.worker,
+                                 meta={"count": count, "base_version": base_version}),
+                           memoryview(delta).cast("B"))
+        ack = self._recv(s, Kind.PUSH_ACK)
+        self.detached.discard(s)
+        del self._detached[s]
+        self.versions[s] = self.acked_versions[s] = ack.clock
+        return {**(ack.meta or {}), "version": ack.clock}
+
     def push(self, grad: np.ndarray, clock: int) -> list[int]:
         return self.push_pull(grad, None, clock)
 
@@ -240,9 +288,10 @@ class ParameterClient:
 
     def leave(self) -> None:
         """Tell every shard this worker is done, so that no barrier waits for it."""
-        for s, conn in enumerate(self.conns):
-            conn.send(Frame(Kind.DONE, shard=s, worker=self.worker))
-        for s in range(self.shards):
+        live = [s for s in range(self.shards) if s not in self.detached]
+        for s in live:
+            self.conns[s].send(Frame(Kind.DONE, shard=s, worker=self.worker))
+        for s in live:
             try:
                 self._recv(s, Kind.PUSH_ACK)
             except JobStopping:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -14,6 +15,8 @@ from ..data import load_dataset, shard_indices
 from ..faults import Straggler, parse_straggler
 from ..metrics import EventLog
 from ..models import build_model
+from ..recovery.stateless import TrainThrough
+from ..server.optim import build_optimizer
 from .client import JobStopping, ParameterClient, ServerUnavailable
 from .optimizer import ParameterServerOptimizer
 
@@ -48,11 +51,21 @@ def run_worker(spec, index: int) -> int:
                 raise JobStopping() from None
             raise ConnectionError(str(exc)) from None
 
-    recovering = job.recovery.strategy != "none"
+    r = job.recovery
     client = ParameterClient(control.shard_map(), spec.bounds, token, worker=index, tails=control.tails,
                              transport=job.cluster.transport, resolve=resolve,
-                             reconnect_s=job.recovery.reconnect_s if recovering else 0.0, on_event=log.emit)
-    opt = ParameterServerOptimizer(model, client=client)
+                             reconnect_s=r.reconnect_s if r.strategy != "none" else 0.0, on_event=log.emit,
+                             detachable=r.strategy == "stateless")
+    train_through = None
+    if r.strategy == "stateless":
+        o = job.optimizer
+        # Alone on its copy, a worker steps as the servers would: the job's own rule.
+        local_optimizer = functools.partial(build_optimizer, o.name, lr=o.lr, momentum=o.momentum,
+                                            nesterov=o.nesterov, weight_decay=o.weight_decay, betas=o.betas,
+                                            eps=o.eps)
+        train_through = TrainThrough(client, local_optimizer, bound=r.backlog_max, when_full=r.when_full,
+                                     reconnect_s=r.reconnect_s, on_event=log.emit)
+    opt = ParameterServerOptimizer(model, client=client, train_through=train_through)
     log.emit("worker_start", examples=len(y), batch=batch, iterations_per_epoch=per_epoch, limit=limit)
 
     straggler = Straggler([parse_straggler(r) for r in job.faults.stragglers], index, t.seed)
@@ -104,7 +117,9 @@ def run_worker(spec, index: int) -> int:
     finally:
         log.emit("worker_stop", reason=reason, iterations=opt.clock, compute_s=compute_s, comm_s=comm_s,
                  delay_s=straggler.delay_s, pushes_sent=client.pushes_sent, pushes_acked=client.pushes_acked,
-                 bytes_pushed=client.bytes_pushed, bytes_pulled=client.bytes_pulled)
+                 bytes_pushed=client.bytes_pushed, bytes_pulled=client.bytes_pulled,
+                 compute_while_down_s=train_through.compute_while_down_s if train_through else 0.0,
+                 still_detached=sorted(client.detached))
         opt.close()
         control.close()
         log.close()

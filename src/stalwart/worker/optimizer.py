@@ -30,6 +30,10 @@ How it works, and why:
   ``step()`` (see :class:`~stalwart.worker.client.ParameterClient`); a worker process
   that was itself restarted learns from the servers, on its first ``step()``, the clock
   to continue from, so it rejoins the barrier being collected instead of clock 0.
+* **Training through a dead server.** With stateless recovery (``train_through``, a
+  :class:`~stalwart.recovery.stateless.TrainThrough`), a shard whose server died is
+  trained locally inside ``step()`` while it is down, and merged back when a server is
+  there again; the loop above does not notice, except that it never stops.
 * **Clean endings.** When the job stops, ``step()`` raises
   :class:`~stalwart.worker.client.JobStopping`; ``close()`` tells the servers this worker
   left, so a barrier does not wait for it.
@@ -51,7 +55,7 @@ from .flat import FlatModel
 class ParameterServerOptimizer:
     def __init__(self, model: torch.nn.Module, *, client: ParameterClient | None = None,
                  coordinator: str | None = None, token: bytes | str | None = None, worker: int = 0,
-                 transport: str = "tcp", timeout_s: float = 60.0):
+                 transport: str = "tcp", timeout_s: float = 60.0, train_through=None):
         self.flat = FlatModel(model)
         if client is None:
             if coordinator is None or token is None:
@@ -68,6 +72,7 @@ class ParameterServerOptimizer:
             raise ValueError(f"the servers hold {client.bounds[-1]} parameters, the model has "
                              f"{self.flat.params.numel()}")
         self.client = client
+        self.train_through = train_through
         self.clock = 0
         self.version = 0
         self._started = False
@@ -89,7 +94,14 @@ class ParameterServerOptimizer:
         if not self._started:
             # The gradient was computed on local initial weights; so were everyone's.
             self._start()
-        versions = self.client.push_pull(self.flat.gathered_grads(), self.flat.params_np, self.clock)
+        grads = self.flat.gathered_grads()
+        versions = self.client.push_pull(grads, self.flat.params_np, self.clock)
+        if self.train_through is not None:
+            back = self.train_through.step(grads, self.flat.params_np, self.clock)
+            if back:
+                # Continue where the rebuilt servers are, from their merged parameters.
+                self.clock = max([self.clock] + [r.resume_clock - 1 for r in back])
+                versions = self.client.pull(self.flat.params_np, wait=False)
         self.version = min(versions)
         self.clock += 1
         return loss

@@ -1,0 +1,241 @@
+"""Stateless servers: workers train through a server failure and rebuild the server.
+
+A server here holds nothing that the workers do not hold too: every worker has a copy
+of the parameters it last pulled, tagged with the version it was pulled at. So when a
+shard's server dies, nothing is lost for good, and nobody needs to stop:
+
+1. **Detach.** A worker whose connection to shard ``s`` breaks keeps training. Its
+   step goes on pushing to the shards that answer; for ``s`` it applies its own update
+   locally (the job's optimizer rule on its copy, :class:`TrainThrough`) and adds the
+   change it made to a :class:`Backlog`: a running sum and a count, never a list, so
+   its memory is fixed (the base copy, the sum and the local optimizer state: three
+   shard-sized vectors) however long the outage lasts. The backlog is bounded in count
+   (``backlog_max`` local steps, the most stale work a worker may owe); when it is full
+   the worker either *waits* for the server (stops computing) or *drops* (trains on
+   locally without owing more: that progress stays in its own copy only).
+2. **Rebuild.** A fresh server process starts empty. Each reattaching worker offers
+   its base copy with its version; the server collects offers for a short window (or
+   until every worker has offered) and takes the highest version, or its own last
+   snapshot if that is newer (:class:`RebuildWindow`). Everything up to that version
+   survives; what was acknowledged after it is the loss, and is measured.
+3. **Flush.** Each worker then sends its backlog as one ``FLUSH`` frame: the summed
+   change and how many local steps it holds. The server applies it as a correction,
+   ``params += scale * delta``, outside the optimizer's moments (momentum fed with a
+   sum of hundreds of steps would repeat it ~1/(1-beta) times), with ``scale`` chosen
+   by the flush rule (:func:`flush_scale`). The worker pulls the merged parameters and
+   goes back to normal steps.
+
+Why deltas and not gradients: a delta is the progress a worker really made, whatever
+its optimizer, so ``sum`` reproduces a worker's own local model exactly on top of its
+base, and the rules below have plain meanings.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FLUSH_RULES = ("sum", "mean", "staleness", "clip")
+FULL_POLICIES = ("wait", "drop")
+
+
+def flush_scale(rule: str, delta: np.ndarray, workers: int, staleness: int, clip_norm: float) -> float:
+    """The factor a server applies a flushed backlog with (``params += factor * delta``).
+
+    * ``sum``: 1. Every worker's whole local progress is added; with N workers that
+      trained through the outage the server moves N times as far as one of them.
+    * ``mean``: 1/N. All N flushes together move the server by the mean of the
+      workers' local progress: model averaging of the copies that trained apart.
+    * ``staleness``: 1/(1 + staleness), the staleness-aware rate of Zhang et al. (2016):
+      ``staleness`` is how many updates the server applied between the version the
+      backlog was built on and this flush, so later, staler flushes count less.
+    * ``clip``: as ``mean``, with the result's L2 norm clipped to ``clip_norm``.
+    """
+    if rule == "sum":
+        return 1.0
+    if rule == "mean":
+        return 1.0 / max(1, workers)
+    if rule == "staleness":
+        return 1.0 / (1.0 + max(0, staleness))
+    if rule == "clip":
+        scale = 1.0 / max(1, workers)
+        norm = scale * float(np.linalg.norm(delta.astype(np.float64, copy=False)))
+        return scale * min(1.0, clip_norm / norm) if norm > 0 else scale
+    raise ValueError(f"unknown flush rule {rule!r}; choose one of {list(FLUSH_RULES)}")
+
+
+@dataclass
+class Backlog:
+    """What a worker owes one shard while its server is down: sum and count, bounded."""
+    base: np.ndarray            # the shard as last pulled (what the worker offers for a rebuild)
+    base_version: int
+    bound: int                  # at most this many local steps owed
+    delta: np.ndarray = field(init=False)
+    count: int = 0              # local steps in ``delta``
+    steps: int = 0              # local steps taken, owed or not
+    compute_s: float = 0.0      # seconds of computation while detached
+    opened: float = field(default_factory=time.monotonic)
+    announced_full: bool = False
+
+    def __post_init__(self) -> None:
+        self.base = self.base.copy()
+        self.delta = np.zeros_like(self.base)
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.bound
+
+    def add(self, change: np.ndarray) -> bool:
+        """Owe one more local step's change; False (and nothing added) when full."""
+        if self.full:
+            return False
+        self.delta += change
+        self.count += 1
+        return True
+
+
+class RebuildWindow:
+    """A fresh server's choice of where to start: the freshest copy offered in a window.
+
+    The window opens with a worker's first offer of a version above 0 (or any offer
+    once the server's own snapshot is a candidate) and closes
+    ``window_s`` later, or as soon as every worker has offered. Ties go to the earliest
+    offer. Offers are copied (the sender's buffer is reused for its next frame).
+    """
+
+    def __init__(self, workers: int, window_s: float):
+        self.workers, self.window_s = workers, window_s
+        self.opened: float | None = None
+        self.offered: set[int] = set()
+        self.best_version = -1
+        self.best_source: str | None = None
+        self.best: np.ndarray | None = None
+        self.max_clock = 0
+
+    def offer(self, source: str, version: int, clock: int, values: np.ndarray, now: float,
+              worker: int | None = None) -> None:
+        if self.opened is None and worker is not None and (version > 0 or self.best is not None):
+            self.opened = now  # a worker's copy of a trained shard, or one to weigh against a snapshot
+        if worker is not None:
+            self.offered.add(worker)
+        self.max_clock = max(self.max_clock, clock)
+        if version > self.best_version:
+            self.best_version, self.best_source = version, source
+            self.best = values.copy()
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened is not None
+
+    def time_left(self, now: float) -> float:
+        if self.opened is None:
+            return math.inf
+        if len(self.offered) >= self.workers:
+            return 0.0
+        return self.opened + self.window_s - now
+
+
+@dataclass
+class Reattached:
+    """What :meth:`TrainThrough.step` reports about a shard that came back."""
+    shard: int
+    version: int
+    resume_clock: int
+
+
+class TrainThrough:
+    """The worker's side: local steps on detached shards, their backlogs, reattaching.
+
+    ``client`` is a :class:`~stalwart.worker.client.ParameterClient` made with
+    ``detachable=True``: a shard whose connection breaks lands in ``client.detached``
+    instead of raising. Called after every push/pull with the step's gradient and the
+    model's flat parameters.
+    """
+
+    def __init__(self, client, make_optimizer, *, bound: int, when_full: str, retry_s: float = 0.25,
+                 reconnect_s: float = 60.0, on_event=None):
+        if when_full not in FULL_POLICIES:
+            raise ValueError(f"unknown backlog policy {when_full!r}; choose one of {list(FULL_POLICIES)}")
+        self.client, self.make_optimizer = client, make_optimizer
+        self.bound, self.when_full = bound, when_full
+        self.retry_s, self.reconnect_s = retry_s, reconnect_s
+        self.on_event = on_event or (lambda *a, **k: None)
+        self.backlogs: dict[int, Backlog] = {}
+        self._optimizers: dict[int, object] = {}
+        self._scratch: dict[int, np.ndarray] = {}
+        self._next_try: dict[int, float] = {}
+        self.compute_while_down_s = 0.0  # worker-seconds of training with a shard detached
+        self._last_call = time.monotonic()
+
+    def step(self, grad: np.ndarray, params: np.ndarray, clock: int) -> list[Reattached]:
+        """Train the detached shards locally on ``grad``; reattach those that are back."""
+        back = []
+        # The time since the last step ended: this step's computation (not waiting).
+        busy_s, self._last_call = time.monotonic() - self._last_call, time.monotonic()
+        if self.client.detached:
+            self.compute_while_down_s += busy_s
+        for s in sorted(self.client.detached):
+            lo, hi = self.client.bounds[s], self.client.bounds[s + 1]
+            backlog = self.backlogs.get(s) or self._open(s, params[lo:hi])
+            backlog.compute_s += busy_s
+            if backlog.full and not backlog.announced_full:
+                backlog.announced_full = True
+                self.on_event("backlog_full", shard=s, count=backlog.count, policy=self.when_full)
+            if backlog.full and self.when_full == "wait":
+                back += self._wait_for(s, clock)
+                continue
+            self._local_step(s, backlog, params[lo:hi], grad[lo:hi])
+            if time.monotonic() >= self._next_try[s]:
+                back += self._try_reattach(s, clock)
+        self._last_call = time.monotonic()
+        return back
+
+    def _open(self, s: int, shard_params: np.ndarray) -> Backlog:
+        version = self.client.versions[s]
+        backlog = self.backlogs[s] = Backlog(shard_params, version, self.bound)
+        self._optimizers[s] = self.make_optimizer(shard_params.size)
+        self._scratch[s] = np.empty_like(shard_params)
+        self._next_try[s] = time.monotonic() + self.retry_s
+        self.on_event("detached", shard=s, base_version=version, bound=self.bound)
+        return backlog
+
+    def _local_step(self, s: int, backlog: Backlog, shard_params: np.ndarray, shard_grad: np.ndarray) -> None:
+        change = self._scratch[s]
+        np.copyto(change, shard_params)
+        self._optimizers[s].step(shard_params, shard_grad)
+        np.subtract(shard_params, change, out=change)
+        backlog.steps += 1
+        backlog.add(change)  # refused when full: under "drop" the step stays local
+
+    def _wait_for(self, s: int, clock: int) -> list[Reattached]:
+        """The backlog is full and the policy is to wait: retry until the shard is back."""
+        deadline = self.backlogs[s].opened + self.reconnect_s
+        while True:
+            back = self._try_reattach(s, clock)
+            if back:
+                return back
+            if time.monotonic() >= deadline:
+                from ..worker.client import ServerUnavailable
+                raise ServerUnavailable(f"shard {s} did not come back within {self.reconnect_s:g}s "
+                                        f"and its backlog is full ({self.bound} steps)")
+            time.sleep(min(self.retry_s, max(0.0, deadline - time.monotonic())))  # backoff, not sync
+
+    def _try_reattach(self, s: int, clock: int) -> list[Reattached]:
+        backlog = self.backlogs[s]
+        self._next_try[s] = time.monotonic() + self.retry_s
+        try:
+            version, resume = self.client.reattach(s, backlog.base, backlog.base_version, clock)
+            flushed = self.client.flush(s, backlog.delta, backlog.count, backlog.base_version)
+        except (ConnectionError, OSError):
+            self.client.detach(s)
+            return []
+        del self.backlogs[s], self._optimizers[s], self._scratch[s], self._next_try[s]
+        self.on_event("flushed", shard=s, base_version=backlog.base_version, rebuilt_version=version,
+                      version=flushed["version"], count=backlog.count, local_steps=backlog.steps,
+                      compute_s=round(backlog.compute_s, 4), down_s=round(time.monotonic() - backlog.opened, 4),
+                      staleness=flushed["staleness"], scale=flushed["scale"],
+                      delta_norm=round(float(np.linalg.norm(backlog.delta)), 6))
+        return [Reattached(s, flushed["version"], resume)]
