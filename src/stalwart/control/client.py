@@ -61,10 +61,16 @@ class CoordinatorClient:
                                        f"(job state {reply['state']})")
 
     def relocate(self, failed: list[str], timeout_s: float = 1.0) -> tuple[list[str], list[str]]:
-        """Report servers whose connections broke, then read where each shard is now."""
-        for address in failed:
-            self.call("suspect", address=address, reporter=f"{self.role} {self.index}")
-        heads = self.shard_map(timeout_s)
+        """Report servers whose connections broke, then read where each shard is now.
+
+        To the data plane a shard that cannot be located yet is a connection that cannot
+        be made: every failure here is a ``ConnectionError``, which its callers retry."""
+        try:
+            for address in failed:
+                self.call("suspect", address=address, reporter=f"{self.role} {self.index}")
+            heads = self.shard_map(timeout_s)
+        except CoordinatorError as exc:
+            raise ConnectionError(str(exc)) from None
         return heads, self.tails
 
     def start_heartbeats(self, interval_s: float, stats: Callable[[], dict] | None = None,

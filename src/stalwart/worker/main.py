@@ -10,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from ..control import CoordinatorClient, CoordinatorError
+from ..control import CoordinatorClient
 from ..data import load_dataset, shard_indices
 from ..faults import Straggler, parse_straggler
 from ..metrics import EventLog
@@ -46,10 +46,10 @@ def run_worker(spec, index: int) -> int:
         """Where the shards are now, after reporting the servers we lost."""
         try:
             return control.relocate(failed)
-        except CoordinatorError as exc:
+        except ConnectionError:
             if control.state != "running":
                 raise JobStopping() from None
-            raise ConnectionError(str(exc)) from None
+            raise
 
     r = job.recovery
     client = ParameterClient(control.shard_map(), spec.bounds, token, worker=index, tails=control.tails,
