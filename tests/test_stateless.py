@@ -102,7 +102,7 @@ class UnreachableShard:
     """A client whose shard 0 is detached and whose server never answers again."""
 
     def __init__(self, size):
-        self.bounds, self.detached, self.versions = [0, size], {0}, [11]
+        self.bounds, self.detached, self.broken, self.versions = [0, size], {0}, {0}, [11]
         self.attempts = 0
 
     def reattach(self, s, base, version, clock):

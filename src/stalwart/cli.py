@@ -283,6 +283,52 @@ def experiment_sync(
     console.print(f"results: {out}/results.md, {out}/results.json, {out}/accuracy.png")
 
 
+@experiment_app.command("failure")
+def experiment_failure(
+    out: Path = typer.Option(Path("experiments/failure"), help="folder for results, plots and runs"),
+    quick: bool = typer.Option(False, "--quick", help="smoke check: 1 seed, 14 s per run, no flush-rule variants"),
+    seeds: Optional[int] = typer.Option(None, min=1, help="seeds per configuration (default 3; 1 with --quick)"),
+    duration: Optional[float] = typer.Option(None, min=1, help="seconds per run (default 30; 14 with --quick)"),
+    strategy: Optional[list[str]] = typer.Option(
+        None, "--strategy", help="none | checkpoint | chain/strong | chain/relaxed | stateless or stateless/RULE (repeatable)"),
+    kills: Optional[list[int]] = typer.Option(None, "--kills", help="kill counts to run (default 0, 1, 2)"),
+    kill_at: Optional[list[float]] = typer.Option(None, "--kill-at", help="seconds of each kill (default 5, 15)"),
+    down: Optional[float] = typer.Option(None, min=0, help="seconds a killed server stays down (default 5)"),
+    flush_rules: bool = typer.Option(True, help="also run stateless with the sum, staleness and clip rules (1 kill)"),
+    workers: int = typer.Option(4, min=1),
+    servers: int = typer.Option(2, min=1),
+    sync: str = typer.Option("asp", help="sync policy of every run"),
+    batch_size: int = typer.Option(64, min=1),
+    lr: float = typer.Option(0.05, min=1e-6),
+    dataset: str = typer.Option("mnist1d", help="data set of every run"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder of local data files (fashion-mnist, mnist, cifar10)"),
+    model: str = typer.Option("cnn1d", help="model of every run (papercnn: the seed paper's CNN, 28x28 data)"),
+    target_accuracy: float = typer.Option(0.93, min=0.01, max=1.0),
+) -> None:
+    """Recovery strategies (none, checkpoint, chain strong/relaxed, stateless) under 0, 1, 2 server kills."""
+    from .config import ConfigError, JobConfig
+    from .experiments.failure import (FLUSH_VARIANTS, FULL, QUICK, STRATEGIES, base_config, kill_rules,
+                                      recovery_section, render_markdown, run_failure_experiment)
+
+    preset = QUICK if quick else FULL
+    strategies = strategy or STRATEGIES
+    kill_at_s = tuple(kill_at or preset["kill_at_s"])
+    counts = tuple(kills if kills is not None else (0, 1, 2))
+    base = base_config(workers, servers, duration or preset["duration_s"], target_accuracy, batch_size, dataset,
+                       model, sync, lr, str(data_dir) if data_dir else None)
+    try:
+        for s in strategies:
+            JobConfig.validate_dict({**base, "recovery": recovery_section(s),
+                                     "faults": {"kills": kill_rules(s, max(counts), kill_at_s)}})
+    except (ConfigError, ValueError) as exc:
+        _fail(f"config error: {exc}")
+    variants = FLUSH_VARIANTS if flush_rules and not quick and strategy is None else []
+    result = run_failure_experiment(out, strategies, counts, seeds or preset["seeds"], base, kill_at_s,
+                                    preset["down_s"] if down is None else down, variants)
+    console.print(render_markdown(result["rows"], result), highlight=False)
+    console.print(f"results: {out}/results.md, {out}/results.json, {out}/table.json, {out}/accuracy.png")
+
+
 def main() -> None:
     try:
         app()

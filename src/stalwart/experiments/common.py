@@ -45,8 +45,13 @@ def run_cases(cases: list[Case], out: Path) -> list[dict]:
     return summaries
 
 
-def accuracy_band(summaries: list[dict], grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean, min and max test accuracy over runs on a common time grid (last value held)."""
+def accuracy_band(summaries: list[dict], grid: np.ndarray,
+                  hold_s: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, min and max test accuracy over runs on a common time grid.
+
+    Each run's last evaluation is held until the next one; with ``hold_s``, for at most
+    that long, so that a time without evaluations (a dead server, a run that ended)
+    stays a gap instead of a flat line."""
     rows = []
     for s in summaries:
         xs = np.array([p["elapsed_s"] for p in s.get("curve", [])])
@@ -54,7 +59,10 @@ def accuracy_band(summaries: list[dict], grid: np.ndarray) -> tuple[np.ndarray, 
         if not len(xs):
             continue
         at = np.searchsorted(xs, grid, side="right") - 1
-        rows.append(np.where(at >= 0, ys[np.clip(at, 0, None)], np.nan))
+        known = at >= 0
+        if hold_s is not None:
+            known &= grid - xs[np.clip(at, 0, None)] <= hold_s
+        rows.append(np.where(known, ys[np.clip(at, 0, None)], np.nan))
     if not rows:
         empty = np.full(len(grid), np.nan)
         return empty, empty, empty

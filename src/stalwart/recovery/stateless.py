@@ -4,10 +4,10 @@ A server here holds nothing that the workers do not hold too: every worker has a
 of the parameters it last pulled, tagged with the version it was pulled at. So when a
 shard's server dies, nothing is lost for good, and nobody needs to stop:
 
-1. **Detach.** A worker whose connection to shard ``s`` breaks keeps training. Its
-   step goes on pushing to the shards that answer; for ``s`` it applies its own update
-   locally (the job's optimizer rule on its copy, :class:`TrainThrough`) and adds the
-   change it made to a :class:`Backlog`: a running sum and a count, never a list, so
+1. **Detach.** A worker whose connection to a shard breaks keeps training, on its own
+   copy of the whole model (why the whole: :class:`TrainThrough`). It applies its own
+   updates locally (the job's optimizer rule) and adds the change it made to each
+   shard to that shard's :class:`Backlog`: a running sum and a count, never a list, so
    its memory is fixed (the base copy, the sum and the local optimizer state: three
    shard-sized vectors) however long the outage lasts. The backlog is bounded in count
    (``backlog_max`` local steps, the most stale work a worker may owe); when it is full
@@ -18,7 +18,7 @@ shard's server dies, nothing is lost for good, and nobody needs to stop:
    until every worker has offered) and takes the highest version, or its own last
    snapshot if that is newer (:class:`RebuildWindow`). Everything up to that version
    survives; what was acknowledged after it is the loss, and is measured.
-3. **Flush.** Each worker then sends its backlog as one ``FLUSH`` frame: the summed
+3. **Flush.** Each worker then sends each backlog as one ``FLUSH`` frame: the summed
    change and how many local steps it holds. The server applies it as a correction,
    ``params += scale * delta``, outside the optimizer's moments (momentum fed with a
    sum of hundreds of steps would repeat it ~1/(1-beta) times), with ``scale`` chosen
@@ -147,12 +147,21 @@ class Reattached:
 
 
 class TrainThrough:
-    """The worker's side: local steps on detached shards, their backlogs, reattaching.
+    """The worker's side: local steps while detached, the backlogs, reattaching.
 
     ``client`` is a :class:`~stalwart.worker.client.ParameterClient` made with
-    ``detachable=True``: a shard whose connection breaks lands in ``client.detached``
-    instead of raising. Called after every push/pull with the step's gradient and the
-    model's flat parameters.
+    ``detachable=True``: when a shard's connection breaks, *every* shard lands in
+    ``client.detached`` instead of an exception. The worker goes local as a whole
+    because a partial detachment poisons the live shards: they would go on taking
+    gradients computed against N different local copies of the dead shard, and the
+    merged model would pair layers that never trained together. Detached as a whole,
+    each worker trains one consistent model; the merge is then an average of such
+    models (local SGD), which is known to work from a common starting point.
+
+    Reattaching is all or nothing, the shards whose server died first (the others
+    answer at once): a worker never pushes to some shards while training others alone.
+    Called after every push/pull with the step's gradient and the model's flat
+    parameters.
     """
 
     def __init__(self, client, make_optimizer, *, bound: int, when_full: str, retry_s: float = 0.25,
@@ -166,30 +175,36 @@ class TrainThrough:
         self.backlogs: dict[int, Backlog] = {}
         self._optimizers: dict[int, object] = {}
         self._scratch: dict[int, np.ndarray] = {}
-        self._next_try: dict[int, float] = {}
-        self.compute_while_down_s = 0.0  # worker-seconds of training with a shard detached
+        self._next_try = 0.0
+        self.compute_while_down_s = 0.0  # worker-seconds of training while detached
         self._last_call = time.monotonic()
 
     def step(self, grad: np.ndarray, params: np.ndarray, clock: int) -> list[Reattached]:
-        """Train the detached shards locally on ``grad``; reattach those that are back."""
-        back = []
+        """Train the detached shards locally on ``grad``; reattach when every one is back."""
         # The time since the last step ended: this step's computation (not waiting).
         busy_s, self._last_call = time.monotonic() - self._last_call, time.monotonic()
-        if self.client.detached:
-            self.compute_while_down_s += busy_s
-        for s in sorted(self.client.detached):
-            lo, hi = self.client.bounds[s], self.client.bounds[s + 1]
-            backlog = self.backlogs.get(s) or self._open(s, params[lo:hi])
-            backlog.compute_s += busy_s
-            if backlog.full and not backlog.announced_full:
-                backlog.announced_full = True
-                self.on_event("backlog_full", shard=s, count=backlog.count, policy=self.when_full)
-            if backlog.full and self.when_full == "wait":
-                back += self._wait_for(s, clock)
-                continue
-            self._local_step(s, backlog, params[lo:hi], grad[lo:hi])
-            if time.monotonic() >= self._next_try[s]:
-                back += self._try_reattach(s, clock)
+        if not self.client.detached:
+            return []
+        self.compute_while_down_s += busy_s
+        back = []
+        shards = sorted(self.client.detached)
+        for s in shards:
+            if s not in self.backlogs:
+                self._open(s, params[self.client.bounds[s]:self.client.bounds[s + 1]])
+            self.backlogs[s].compute_s += busy_s
+        full = [s for s in shards if self.backlogs[s].full]
+        for s in full:
+            if not self.backlogs[s].announced_full:
+                self.backlogs[s].announced_full = True
+                self.on_event("backlog_full", shard=s, count=self.backlogs[s].count, policy=self.when_full)
+        if full and self.when_full == "wait":
+            back = self._wait_for(clock)
+        else:
+            for s in shards:
+                lo, hi = self.client.bounds[s], self.client.bounds[s + 1]
+                self._local_step(s, self.backlogs[s], params[lo:hi], grad[lo:hi])
+            if time.monotonic() >= self._next_try:
+                back = self._try_reattach(clock)
         self._last_call = time.monotonic()
         return back
 
@@ -198,8 +213,9 @@ class TrainThrough:
         backlog = self.backlogs[s] = Backlog(shard_params, version, self.bound)
         self._optimizers[s] = self.make_optimizer(shard_params.size)
         self._scratch[s] = np.empty_like(shard_params)
-        self._next_try[s] = time.monotonic() + self.retry_s
-        self.on_event("detached", shard=s, base_version=version, bound=self.bound)
+        self._next_try = time.monotonic() + self.retry_s
+        self.on_event("detached", shard=s, base_version=version, bound=self.bound,
+                      lost_server=s in self.client.broken)
         return backlog
 
     def _local_step(self, s: int, backlog: Backlog, shard_params: np.ndarray, shard_grad: np.ndarray) -> None:
@@ -210,32 +226,44 @@ class TrainThrough:
         backlog.steps += 1
         backlog.add(change)  # refused when full: under "drop" the step stays local
 
-    def _wait_for(self, s: int, clock: int) -> list[Reattached]:
-        """The backlog is full and the policy is to wait: retry until the shard is back."""
-        deadline = self.backlogs[s].opened + self.reconnect_s
+    def _wait_for(self, clock: int) -> list[Reattached]:
+        """A backlog is full and the policy is to wait: retry until the shards are back."""
+        deadline = min(b.opened for b in self.backlogs.values()) + self.reconnect_s
         while True:
-            back = self._try_reattach(s, clock)
+            back = self._try_reattach(clock)
             if back:
                 return back
             if time.monotonic() >= deadline:
                 from ..worker.client import ServerUnavailable
-                raise ServerUnavailable(f"shard {s} did not come back within {self.reconnect_s:g}s "
-                                        f"and its backlog is full ({self.bound} steps)")
+                raise ServerUnavailable(f"shards {sorted(self.client.detached)} did not come back within "
+                                        f"{self.reconnect_s:g}s and the backlog is full ({self.bound} steps)")
             time.sleep(min(self.retry_s, max(0.0, deadline - time.monotonic())))  # backoff, not sync
 
-    def _try_reattach(self, s: int, clock: int) -> list[Reattached]:
-        backlog = self.backlogs[s]
-        self._next_try[s] = time.monotonic() + self.retry_s
+    def _try_reattach(self, clock: int) -> list[Reattached]:
+        self._next_try = time.monotonic() + self.retry_s
+        # The shards that lost their server first: while one is still down, the others
+        # (whose servers never died) are not even dialled.
+        order = sorted(self.client.detached, key=lambda s: (s not in self.client.broken, s))
+        rebuilt = {}
         try:
-            version, resume = self.client.reattach(s, backlog.base, backlog.base_version, clock)
-            flushed = self.client.flush(s, backlog.delta, backlog.count, backlog.base_version)
+            for s in order:
+                b = self.backlogs[s]
+                rebuilt[s] = self.client.reattach(s, b.base, b.base_version, clock)
+            flushed = {s: self.client.flush(s, self.backlogs[s].delta, self.backlogs[s].count,
+                                            self.backlogs[s].base_version) for s in order}
         except (ConnectionError, OSError):
-            self.client.detach(s)
+            for s in order:
+                if s in self.client.detached:
+                    self.client.detach(s)
             return []
-        del self.backlogs[s], self._optimizers[s], self._scratch[s], self._next_try[s]
-        self.on_event("flushed", shard=s, base_version=backlog.base_version, rebuilt_version=version,
-                      version=flushed["version"], count=backlog.count, local_steps=backlog.steps,
-                      compute_s=round(backlog.compute_s, 4), down_s=round(time.monotonic() - backlog.opened, 4),
-                      staleness=flushed["staleness"], scale=flushed["scale"],
-                      delta_norm=round(float(np.linalg.norm(backlog.delta)), 6))
-        return [Reattached(s, flushed["version"], resume)]
+        back = []
+        for s in order:
+            b, (version, resume), answer = self.backlogs.pop(s), rebuilt[s], flushed[s]
+            del self._optimizers[s], self._scratch[s]
+            self.on_event("flushed", shard=s, base_version=b.base_version, rebuilt_version=version,
+                          version=answer["version"], count=b.count, local_steps=b.steps,
+                          compute_s=round(b.compute_s, 4), down_s=round(time.monotonic() - b.opened, 4),
+                          staleness=answer["staleness"], scale=answer["scale"],
+                          delta_norm=round(float(np.linalg.norm(b.delta)), 6))
+            back.append(Reattached(s, answer["version"], resume))
+        return back

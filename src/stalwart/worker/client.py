@@ -17,8 +17,9 @@ the push it was making (a chain recognizes a push it already holds), and pulls. 
 recovery is reported through ``on_event``.
 
 With ``detachable`` (stateless servers, :mod:`stalwart.recovery.stateless`) a broken
-shard is not waited for: it joins ``detached``, later requests skip it, and its owner
-trains it locally until :meth:`reattach` and :meth:`flush` bring it back.
+shard is not waited for: every shard joins ``detached`` (the worker goes local as a
+whole, see there why), later requests skip them, and the owner trains them locally
+until :meth:`reattach` and :meth:`flush` bring them back.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class ParameterClient:
         self.resolve, self.reconnect_s, self.on_event = resolve, reconnect_s, on_event
         self.detachable = detachable
         self.detached: set[int] = set()            # shards being trained through locally
+        self.broken: set[int] = set()              # ...of which these lost their server
         self._detached: dict[int, tuple[float, list[str]]] = {}  # shard -> (since, failed peers)
         self.conns: list[Connection] = []       # pushes (a chain's head)
         self.pull_conns: list[Connection] = []  # pulls (a chain's tail; else the same connection)
@@ -172,10 +174,12 @@ class ParameterClient:
                 hint = self._receive(s, grads, targets, hint)
             except (ConnectionError, OSError):
                 broken.add(s)
-        for s in sorted(broken):
-            if self.detachable:
+        if broken and self.detachable:
+            self.broken |= broken
+            for s in range(self.shards):
                 self.detach(s)
-            else:
+        for s in sorted(broken):
+            if not self.detachable:
                 hint = self._recover(s, grads, targets, clock, wait, pull_meta, hint)
         if grads is not None:
             self.hint = hint
@@ -246,7 +250,8 @@ class ParameterClient:
 
     # --- stateless servers: detach, reattach, flush --------------------------------------
     def detach(self, s: int) -> None:
-        """Stop talking to shard ``s`` (its connection broke) until it is reattached."""
+        """Stop talking to shard ``s`` until it is reattached (and leave its sync gate:
+        the server sees this worker go, so no barrier waits for it meanwhile)."""
         peers = [p for p in self._disconnect(s) if p]
         since, failed = self._detached.get(s, (time.monotonic(), []))
         self._detached[s] = (since, failed or peers)
@@ -276,6 +281,7 @@ class ParameterClient:
                            memoryview(delta).cast("B"))
         ack = self._recv(s, Kind.PUSH_ACK)
         self.detached.discard(s)
+        self.broken.discard(s)
         del self._detached[s]
         self.versions[s] = self.acked_versions[s] = ack.clock
         return {**(ack.meta or {}), "version": ack.clock}
