@@ -151,6 +151,11 @@ def test_an_unknown_backlog_policy_is_refused():
         TrainThrough(UnreachableShard(2), make_sgd, bound=1, when_full="grow")
 
 
+def test_config_refuses_stateless_under_elastic_bsp():
+    with pytest.raises(ConfigError, match="stateless recovery is not supported under ElasticBSP"):
+        JobConfig.validate_dict({"recovery": {"strategy": "stateless"}, "sync": {"policy": "elastic:8"}})
+
+
 def test_config_refuses_stateless_snapshots_without_a_trigger():
     with pytest.raises(ConfigError, match="stateless recovery with snapshots needs every_updates"):
         JobConfig.validate_dict({"recovery": {"strategy": "stateless", "snapshot": True, "every_updates": None}})

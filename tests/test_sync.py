@@ -57,6 +57,21 @@ def test_bsp_leaving_worker_releases_the_barrier():
     np.testing.assert_allclose(bsp.on_push(1, 1, g(3)), g(2))
 
 
+def test_bsp_once_every_worker_left_follows_the_clock_they_come_back_with():
+    bsp = BSP(workers=2, shard_size=4)
+    for clock in range(3):
+        bsp.on_push(0, clock, g(1))
+        bsp.on_push(1, clock, g(1))
+    bsp.leave(0)
+    bsp.leave(1)                         # both went local (a stateless outage elsewhere)
+    assert bsp.join(0) == 3 and bsp.join(1) == 3
+    assert bsp.on_push(0, 40, g(2)) is None          # they trained on: no SyncError
+    np.testing.assert_allclose(bsp.on_push(1, 40, g(4)), g(3))
+    assert bsp.may_proceed(0, 40)
+    with pytest.raises(SyncError):
+        bsp.on_push(1, 12, g(1))         # synced again
+
+
 def test_asp_applies_every_push_and_never_waits():
     asp = ASP(workers=2, shard_size=4)
     np.testing.assert_allclose(asp.on_push(1, 7, g(5)), g(5))

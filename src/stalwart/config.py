@@ -225,6 +225,9 @@ class JobConfig(_Section):
             if worker is not None and worker >= self.cluster.workers:
                 raise ValueError(f"straggler {spec!r} names worker {worker}, but the job has "
                                  f"{self.cluster.workers} workers (0..{self.cluster.workers - 1})")
+        if self.recovery.strategy == "stateless" and self.sync.policy.startswith("elastic"):
+            raise ValueError("stateless recovery is not supported under ElasticBSP (workers that go local "
+                             "and come back are not in the barrier plan); use checkpoint or chain")
         for spec in self.faults.kills:
             rule = parse_kill(spec)
             count = {"worker": self.cluster.workers, "coordinator": 1,

@@ -207,14 +207,19 @@ class ParameterServer(FrameService):
             self.optimizer.step(self.params, update, lr_scale=self.policy.lr_scale())
             self.version += 1
         self._state.notify_all()
-        if self._resume_reason is not None:
-            self.log.emit("updates_resumed", shard=self.shard, after=self._resume_reason, version=self.version)
-            self._resume_reason = None
+        self._note_resumed()
         if self.checkpointer is not None and self.checkpointer.due(self.version):
             # Writers need _state, which we hold: the snapshot is a consistent state.
             arrays, scalars = self.optimizer_state()
             self.checkpointer.snapshot(self.version, {"params": self.params, **{
                 f"opt.{k}": v for k, v in arrays.items()}}, scalars)
+
+    def _note_resumed(self) -> None:
+        """An update was just applied; the first after a (re)start or a loss is an event.
+        Holds _state."""
+        if self._resume_reason is not None:
+            self.log.emit("updates_resumed", shard=self.shard, after=self._resume_reason, version=self.version)
+            self._resume_reason = None
 
     def optimizer_state(self) -> tuple[dict[str, np.ndarray], dict]:
         state = self.optimizer.state_dict()
@@ -328,6 +333,8 @@ class ParameterServer(FrameService):
         with self._state:
             while not self.initialized and not self.stopping:
                 self._state.wait()
+            if not self.initialized:
+                return self._reject(session, frame, f"shard {self.shard} holds no parameters to flush into")
             staleness = max(0, self.version - base)
             scale = flush_scale(self.flush_rule, delta, self.workers, staleness, self.flush_clip)
             with self._rw.write():
@@ -335,9 +342,7 @@ class ParameterServer(FrameService):
                 self.version += 1
             self._state.notify_all()
             version = self.version
-            if self._resume_reason is not None:
-                self.log.emit("updates_resumed", shard=self.shard, after=self._resume_reason, version=version)
-                self._resume_reason = None
+            self._note_resumed()
         self.log.emit("flush_applied", shard=self.shard, worker=frame.worker, count=count, base_version=base,
                       staleness=staleness, scale=scale, rule=self.flush_rule, version=version)
         session.conn.send(Frame(Kind.PUSH_ACK, shard=self.shard, worker=frame.worker, clock=version,

@@ -9,7 +9,8 @@ A server that restarts (after a crash) knows no clock. Until its first barrier
 completes it follows the workers: a push for a later clock than the one collected
 proves that the earlier barrier completed before the crash, so the collection moves
 forward to it (the partial sum, part of the lost state, is dropped); a push for an
-earlier clock is such a completed barrier's late resend, counted as done.
+earlier clock is such a completed barrier's late resend, counted as done. The same
+holds once every worker has left: the clock is whatever the returning workers bring.
 """
 
 from __future__ import annotations
@@ -70,7 +71,12 @@ class BSP(SyncPolicy):
     def leave(self, worker: int, now: float = 0.0) -> np.ndarray | None:
         super().leave(worker, now)
         # A gradient it already pushed for this clock still counts in the mean.
-        return self._complete_if_ready()
+        update = self._complete_if_ready()
+        if not self.active:
+            # Nobody is left to hold a barrier with (e.g. every worker went local through
+            # a stateless outage): those who come back bring the clock, as after a restart.
+            self.synced = False
+        return update
 
     def describe(self) -> dict:
         return {**super().describe(), "clock": self.clock, "pushed": sorted(self.pushed)}
