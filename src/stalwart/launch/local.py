@@ -60,6 +60,8 @@ class LocalLauncher(Launcher):
             os.close(fd)
             proc = self.procs.pop(key)
             # Reap it ourselves: wait4 also gives the process's CPU time and peak memory.
+            # (Nothing else reaps our children: kill() signals by pid, not through Popen,
+            # whose send_signal would reap an exited child first and lose its usage.)
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
             exits.append(Exit(key[0], key[1], proc.pid, proc.returncode, cpu_s=usage.ru_utime + usage.ru_stime,
@@ -73,7 +75,9 @@ class LocalLauncher(Launcher):
         proc = self.procs.get((role, index))
         if proc is not None:
             try:
-                proc.send_signal(sig)
+                # Safe by pid: an exited child stays a zombie (its pid not reused) until
+                # wait() reaps it.
+                os.kill(proc.pid, sig)
             except ProcessLookupError:
                 pass
 
