@@ -227,9 +227,9 @@ def test_a_flush_to_a_server_that_is_not_stateless_is_refused(stateless_server):
 
 
 # --- a real SIGKILL ---------------------------------------------------------------------------
-def stateless_job(run_root, sync, kills, down_s, **recovery):
+def stateless_job(run_root, sync, kills, down_s, servers=1, **recovery):
     return JobConfig.validate_dict({
-        "cluster": {"workers": 3, "servers": 1}, "sync": {"policy": sync},
+        "cluster": {"workers": 3, "servers": servers}, "sync": {"policy": sync},
         "data": {"dataset": "mnist1d", "samples": 4000},
         "train": {"duration_s": 9, "target_accuracy": 0.5, "eval_interval_s": 0.5},
         "faults": {"kills": kills, "down_s": down_s},
@@ -239,19 +239,22 @@ def stateless_job(run_root, sync, kills, down_s, **recovery):
 
 @pytest.mark.integration
 def test_workers_train_through_a_sigkilled_server_and_rebuild_it(run_root):
-    summary = Job(stateless_job(run_root, "bsp", ["server:0@3s"], down_s=2.0)).run()
+    # BSP over two shards: the live shard's barrier must let the workers go and take them back
+    summary = Job(stateless_job(run_root, "bsp", ["server:0@3s"], down_s=2.0, servers=2)).run()
     assert summary["status"] == "completed" and summary["recovery"] == "stateless"
     (kill,) = summary["kills"]
     (run_dir,) = run_root.iterdir()
     flushed = events(run_dir, "flushed")
-    # every worker kept computing while the only server was dead...
-    assert sorted(e["index"] for e in flushed) == [0, 1, 2]
+    # every worker kept computing, on its whole model, while shard 0's server was dead...
+    assert sorted((e["shard"], e["index"]) for e in flushed) == [(s, w) for s in (0, 1) for w in (0, 1, 2)]
     assert all(e["local_steps"] > 10 and e["count"] == e["local_steps"] and e["compute_s"] > 0.3 for e in flushed)
     assert summary["compute_while_down_s"] > 1.0
     # ...the fresh server took the freshest copy, then every backlog...
     (rebuilt,) = events(run_dir, "rebuilt")
-    assert rebuilt["version"] == max(e["base_version"] for e in flushed) == kill["resumed_version"] > 0
-    assert len(events(run_dir, "flush_applied")) == 3 and summary["lost_updates"] == 0
+    assert rebuilt["shard"] == 0
+    assert rebuilt["version"] == max(e["base_version"] for e in flushed if e["shard"] == 0) \
+        == kill["resumed_version"] > 0
+    assert len(events(run_dir, "flush_applied")) == 6 and summary["lost_updates"] == 0
     # ...and training went on past where it stood when the server died
     assert kill["accuracy_before"] is not None
     assert summary["final_accuracy"] > kill["accuracy_before"]
