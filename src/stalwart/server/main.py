@@ -17,7 +17,7 @@ from ..sync import parse_policy
 from ..transport import get_transport
 from ..recovery.chain import ChainReplica, join_chain
 from ..recovery.stateless import RebuildWindow
-from .optim import build_optimizer
+from .optim import optimizer_from_config
 from .server import ParameterServer, serve_until
 
 
@@ -28,9 +28,7 @@ def run_server(spec, index: int) -> int:
     shard = index // r.replicas_per_shard
     log = EventLog.for_role(spec.run_dir, "server", index)
     size = spec.bounds[shard + 1] - spec.bounds[shard]
-    o = job.optimizer
-    optimizer = build_optimizer(o.name, size, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
+    optimizer = optimizer_from_config(job.optimizer, size)
     policy = parse_policy(job.sync.policy)(job.cluster.workers, size, leader=shard == 0)
     checkpointer = None
     if r.strategy == "checkpoint" or (r.strategy == "stateless" and r.snapshot):

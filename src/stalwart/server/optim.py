@@ -118,6 +118,14 @@ class Adam(ServerOptimizer):
 OPTIMIZERS: dict[str, type[ServerOptimizer]] = {"sgd": SGD, "adam": Adam}
 
 
+def optimizer_from_config(config, size: int) -> ServerOptimizer:
+    """The job's optimizer (an ``OptimizerConfig``) on ``size`` values: what a server
+    runs on its shard, and what a stateless worker runs alone on its copy."""
+    c = config
+    return build_optimizer(c.name, size, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
+                           weight_decay=c.weight_decay, betas=c.betas, eps=c.eps)
+
+
 def build_optimizer(name: str, size: int, **hyper: object) -> ServerOptimizer:
     try:
         cls = OPTIMIZERS[name]

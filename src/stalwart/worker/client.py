@@ -64,8 +64,7 @@ class ParameterClient:
         self.token, self.transport, self.timeout = token, transport, timeout
         self.resolve, self.reconnect_s, self.on_event = resolve, reconnect_s, on_event
         self.detachable = detachable
-        self.detached: set[int] = set()            # shards being trained through locally
-        self.broken: set[int] = set()              # ...of which these lost their server
+        self.broken: set[int] = set()              # detached shards that lost their server
         self._detached: dict[int, tuple[float, list[str]]] = {}  # shard -> (since, failed peers)
         self.conns: list[Connection] = []       # pushes (a chain's head)
         self.pull_conns: list[Connection] = []  # pulls (a chain's tail; else the same connection)
@@ -107,6 +106,11 @@ class ParameterClient:
             peers.append(conn.peer)
             conn.close()
         return peers
+
+    @property
+    def detached(self):
+        """The shards being trained through locally (a live view)."""
+        return self._detached.keys()
 
     @property
     def shards(self) -> int:
@@ -255,7 +259,6 @@ class ParameterClient:
         peers = [p for p in self._disconnect(s) if p]
         since, failed = self._detached.get(s, (time.monotonic(), []))
         self._detached[s] = (since, failed or peers)
-        self.detached.add(s)
 
     def reattach(self, s: int, base: np.ndarray, version: int, clock: int) -> tuple[int, int]:
         """Find shard ``s`` again and offer ``base`` (our copy, at ``version``) for its
@@ -280,7 +283,6 @@ class ParameterClient:
                                  meta={"count": count, "base_version": base_version}),
                            memoryview(delta).cast("B"))
         ack = self._recv(s, Kind.PUSH_ACK)
-        self.detached.discard(s)
         self.broken.discard(s)
         del self._detached[s]
         self.versions[s] = self.acked_versions[s] = ack.clock

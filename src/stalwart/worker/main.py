@@ -16,7 +16,7 @@ from ..faults import Straggler, parse_straggler
 from ..metrics import EventLog
 from ..models import build_model
 from ..recovery.stateless import TrainThrough
-from ..server.optim import build_optimizer
+from ..server.optim import optimizer_from_config
 from .client import JobStopping, ParameterClient, ServerUnavailable
 from .optimizer import ParameterServerOptimizer
 
@@ -58,11 +58,8 @@ def run_worker(spec, index: int) -> int:
                              detachable=r.strategy == "stateless")
     train_through = None
     if r.strategy == "stateless":
-        o = job.optimizer
         # Alone on its copy, a worker steps as the servers would: the job's own rule.
-        local_optimizer = functools.partial(build_optimizer, o.name, lr=o.lr, momentum=o.momentum,
-                                            nesterov=o.nesterov, weight_decay=o.weight_decay, betas=o.betas,
-                                            eps=o.eps)
+        local_optimizer = functools.partial(optimizer_from_config, job.optimizer)
         train_through = TrainThrough(client, local_optimizer, bound=r.backlog_max, when_full=r.when_full,
                                      reconnect_s=r.reconnect_s, on_event=log.emit)
     opt = ParameterServerOptimizer(model, client=client, train_through=train_through)
