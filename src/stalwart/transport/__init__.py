@@ -3,14 +3,16 @@
 from .auth import AuthError, client_handshake, server_handshake
 from .base import Connection, ConnectionClosed, Listener, Transport, split_address
 from .frame import NO_WORKER, Flag, Frame, Kind, ProtocolError
+from .ltp import LtpTransport
 from .tcp import TcpTransport
 
-TRANSPORTS: dict[str, type[Transport]] = {"tcp": TcpTransport}
+TRANSPORTS: dict[str, type[Transport]] = {"tcp": TcpTransport, "ltp": LtpTransport}
 
 
-def get_transport(name: str) -> Transport:
+def get_transport(name: str, options=None) -> Transport:
+    """A transport by name; ``options`` is its config section where it has one (LTP's)."""
     try:
-        return TRANSPORTS[name]()
+        return TRANSPORTS[name](options)
     except KeyError:
         raise ValueError(f"unknown transport {name!r}; choose one of {sorted(TRANSPORTS)}") from None
 
@@ -29,7 +31,7 @@ def dial(address: str, token: bytes, transport: str = "tcp", timeout: float = 5.
 
 
 __all__ = [
-    "AuthError", "Connection", "ConnectionClosed", "Flag", "Frame", "Kind", "Listener",
+    "AuthError", "Connection", "ConnectionClosed", "Flag", "Frame", "Kind", "Listener", "LtpTransport",
     "NO_WORKER", "ProtocolError", "TcpTransport", "Transport", "TRANSPORTS", "dial",
     "get_transport", "server_handshake", "client_handshake", "split_address",
 ]

@@ -57,6 +57,9 @@ class Listener(ABC):
 class Transport(ABC):
     name: str
 
+    def __init__(self, options=None):
+        self.options = options
+
     @abstractmethod
     def listen(self, host: str, port: int = 0) -> Listener: ...
 
