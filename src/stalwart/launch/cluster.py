@@ -32,18 +32,19 @@ class Cluster:
 
     @classmethod
     def start(cls, config: JobConfig, run_dir: Path, bounds: list[int],
-              input_shape: tuple[int, ...] = (1,), num_classes: int = 10) -> "Cluster":
+              input_shape: tuple[int, ...] = (1,), num_classes: int = 10,
+              placement: dict[str, dict] | None = None) -> "Cluster":
         """Coordinator first (on a socket bound here, so its address is known), then servers."""
         token = secrets.token_bytes(32)
         listen = socket.create_server((config.cluster.host, 0))
         host, port = listen.getsockname()[:2]
         spec = RoleSpec(config=config.model_dump(mode="json"), run_dir=str(Path(run_dir).resolve()),
                         coordinator=f"{host}:{port}", bounds=list(bounds),
-                        input_shape=list(input_shape), num_classes=num_classes)
+                        input_shape=list(input_shape), num_classes=num_classes, placement=placement or {})
         spec_path = Path(run_dir) / "spec.json"
         spec.save(spec_path)
         launcher = LocalLauncher(spec_path, Path(run_dir),
-                                 {TOKEN_ENV: token.hex(), LISTEN_FD_ENV: str(listen.fileno())})
+                                 {TOKEN_ENV: token.hex(), LISTEN_FD_ENV: str(listen.fileno())}, spec.placement)
         try:
             listen.set_inheritable(True)
             launcher.start("coordinator", 0, pass_fds=(listen.fileno(),))

@@ -40,8 +40,9 @@ class JobFailed(RuntimeError):
 
 
 class Job:
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, placement: dict[str, dict] | None = None):
         self.config = config
+        self.placement = placement  # where each role runs (netlab); None: all here
         self.run_dir: Path | None = None
         self.summary: dict | None = None
 
@@ -74,7 +75,7 @@ class Job:
         (run_dir / "layout.json").write_text(json.dumps(
             {"total": layout.total, "bounds": bounds, "entries": layout.to_json()}, indent=1))
 
-        cluster = Cluster.start(c, run_dir, bounds, ds.input_shape, ds.num_classes)
+        cluster = Cluster.start(c, run_dir, bounds, ds.input_shape, ds.num_classes, self.placement)
         launcher = cluster.launcher
         progress = Progress(enabled=c.progress, target=c.train.target_accuracy)
         status, error = "completed", None

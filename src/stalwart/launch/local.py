@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from .base import Exit, Launcher, RoleKey
+from .spec import HOST_ENV
 
 _PR_SET_PDEATHSIG = 1
 
@@ -31,9 +32,11 @@ def _die_with_parent() -> None:
 
 
 class LocalLauncher(Launcher):
-    def __init__(self, spec_path: Path, run_dir: Path, env: dict[str, str]):
+    def __init__(self, spec_path: Path, run_dir: Path, env: dict[str, str],
+                 placement: dict[str, dict] | None = None):
         self.spec_path, self.run_dir = spec_path, run_dir
         self.env = {**os.environ, **env}
+        self.placement = placement or {}
         self.procs: dict[RoleKey, subprocess.Popen] = {}
         self._pidfds: dict[int, RoleKey] = {}
         self._poll = select.poll()
@@ -41,9 +44,15 @@ class LocalLauncher(Launcher):
 
     def start(self, role: str, index: int, pass_fds: tuple[int, ...] = ()) -> int:
         out = open(self.run_dir / "logs" / f"{role}-{index}.log", "ab")
+        argv = [sys.executable, "-m", "stalwart.launch.role", role, str(index), str(self.spec_path)]
+        env = self.env
+        if (place := self.placement.get(f"{role}:{index}")) is not None:
+            # A host of its own (a netlab namespace): `ip netns exec` execs in place, so the
+            # pid, the pidfd and the death signal are the role's own.
+            argv = ["ip", "netns", "exec", place["netns"], *argv]
+            env = {**env, HOST_ENV: place["host"]}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stalwart.launch.role", role, str(index), str(self.spec_path)],
-            env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             pass_fds=pass_fds, start_new_session=True, preexec_fn=_die_with_parent)
         out.close()
         self.procs[(role, index)] = proc

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import JobConfig
 
 TOKEN_ENV = "STALWART_TOKEN"
 LISTEN_FD_ENV = "STALWART_LISTEN_FD"
+HOST_ENV = "STALWART_HOST"  # the address a placed role binds to (see RoleSpec.placement)
 
 
 @dataclass
@@ -25,6 +26,9 @@ class RoleSpec:
     bounds: list[int]
     input_shape: list[int]
     num_classes: int
+    # "server:0" -> {"netns": ..., "host": ...}: where a launcher runs a role (netlab);
+    # a role not named here runs where the launcher does, on cluster.host.
+    placement: dict = field(default_factory=dict)
 
     @property
     def job(self) -> JobConfig:

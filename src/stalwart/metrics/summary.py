@@ -97,6 +97,24 @@ def _kills(events: list[dict], replicas: int) -> tuple[list[dict], int]:
     return kills, lost_total
 
 
+def _rounds(servers: dict[int, dict]) -> dict[str, Any]:
+    """Time between updates (under BSP: one synchronization round) and, for LTP, the lost
+    fraction of the pushes; from the slowest shard, which sets the pace."""
+    timed = [s for s in servers.values() if s.get("update_ms_mean")]
+    slowest = max(timed, key=lambda s: s["update_ms_mean"], default={})
+    ltp = [s for s in servers.values() if s.get("ltp_rounds")]
+    rounds = sum(s["ltp_rounds"] for s in ltp)
+    return {
+        "round_ms_p50": slowest.get("update_ms_p50"),
+        "round_ms_p99": slowest.get("update_ms_p99"),
+        "rounds_per_s": 1000 / slowest["update_ms_mean"] if slowest else None,
+        "ltp_rounds": rounds,
+        "lost_fraction": sum(s["ltp_lost_mean"] * s["ltp_rounds"] for s in ltp) / rounds if rounds else 0.0,
+        "lost_fraction_max": max((s["ltp_lost_max"] for s in ltp), default=0.0),
+        "ltp_resends": sum(s.get("ltp_resends", 0) for s in ltp),
+    }
+
+
 def summarize(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     events = list(read_events(run_dir))
@@ -129,6 +147,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "dataset": config["data"]["dataset"],
         "model": config["model"]["name"],
         "optimizer": config["optimizer"]["name"],
+        "transport": config["cluster"].get("transport", "tcp"),
         "final_accuracy": curve[-1]["accuracy"] if curve else None,
         "best_accuracy": max((p["accuracy"] for p in curve), default=None),
         "final_loss": curve[-1]["loss"] if curve else None,
@@ -157,6 +176,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "lost_updates": lost_updates,
         **_stateless(events),
         **_resources(events),
+        **_rounds(servers),
         **_barrier_accuracy(barriers),
         "curve": curve,
     }

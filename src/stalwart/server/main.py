@@ -6,6 +6,7 @@ Without chains, server process ``i`` serves shard ``i``; with chain replication 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from .server import ParameterServer, serve_until
 
 
 def run_server(spec, index: int) -> int:
-    from ..launch.spec import token_from_env
+    from ..launch.spec import HOST_ENV, token_from_env
     job, token = spec.job, token_from_env()
     r = job.recovery
     shard = index // r.replicas_per_shard
@@ -34,7 +35,9 @@ def run_server(spec, index: int) -> int:
     if r.strategy == "checkpoint" or (r.strategy == "stateless" and r.snapshot):
         checkpointer = Checkpointer(r.dir or Path(spec.run_dir) / "checkpoints", shard, log,
                                     every_updates=r.every_updates, every_s=r.every_s, keep=r.keep)
-    listener = get_transport(job.cluster.transport).listen(job.cluster.host, 0)
+    # A launcher that places roles on hosts of their own (netlab) says where this one is.
+    host = os.environ.get(HOST_ENV) or job.cluster.host
+    listener = get_transport(job.cluster.transport, job.ltp).listen(host, 0)
     server = ParameterServer(listener, token, log, shard=shard, size=size, optimizer=optimizer,
                              policy=policy, workers=job.cluster.workers, checkpointer=checkpointer)
     if r.strategy == "stateless":

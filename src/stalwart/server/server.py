@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 import zlib
+from collections import deque
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -89,6 +90,9 @@ class ParameterServer(FrameService):
         self._rw = ReadWriteLock()
         self.stats = {"pushes": 0, "pulls": 0, "bytes_in": 0, "bytes_out": 0, "rejected": 0,
                       "staleness_sum": 0, "staleness_max": 0}
+        # When each update was applied (bounded): under BSP one update is one round.
+        self._update_times: deque[float] = deque(maxlen=100_000)
+        self.ltp = {"rounds": 0, "lost_sum": 0.0, "lost_max": 0.0, "resends": 0}
         self.wait_s = [0.0] * workers  # seconds each worker's pulls spent held at the gate
         self.checkpointer = checkpointer
         self.chain: "ChainReplica | None" = None
@@ -206,6 +210,7 @@ class ParameterServer(FrameService):
         with self._rw.write():
             self.optimizer.step(self.params, update, lr_scale=self.policy.lr_scale())
             self.version += 1
+        self._update_times.append(time.monotonic())
         self._state.notify_all()
         self._note_resumed()
         if self.checkpointer is not None and self.checkpointer.due(self.version):
@@ -354,6 +359,8 @@ class ParameterServer(FrameService):
         except _Rejected as exc:
             return self._reject(session, frame, str(exc))
         session.worker = frame.worker
+        if (ltp := (frame.meta or {}).get("ltp")) is not None:
+            self._note_ltp_round(frame.worker, ltp)
         hint = (frame.meta or {}).get("hint")
         if hint is not None and not isinstance(hint, dict):
             return self._reject(session, frame, f"PUSH hint must be a map, got {type(hint).__name__}")
@@ -382,6 +389,30 @@ class ParameterServer(FrameService):
         if self.chain is None:
             ack()
         self._log_decisions(decisions)
+
+    def _note_ltp_round(self, worker: int, ltp: dict) -> None:
+        """Every loss-tolerant round is logged with the fraction of it that was lost."""
+        self.log.emit("ltp_round", shard=self.shard, worker=worker, **ltp)
+        with self._state:
+            self.ltp["rounds"] += 1
+            self.ltp["lost_sum"] += ltp["lost"]
+            self.ltp["lost_max"] = max(self.ltp["lost_max"], ltp["lost"])
+            self.ltp["resends"] += ltp["resends"]
+
+    def round_stats(self) -> dict:
+        """Intervals between consecutive updates (BSP: the synchronization round time)."""
+        with self._state:
+            times = np.fromiter(self._update_times, dtype=np.float64)
+            ltp = dict(self.ltp)
+        gaps = np.diff(times) * 1000
+        out = {"update_ms_mean": float(gaps.mean()) if gaps.size else None,
+               "update_ms_p50": float(np.percentile(gaps, 50)) if gaps.size else None,
+               "update_ms_p99": float(np.percentile(gaps, 99)) if gaps.size else None,
+               "update_intervals": int(gaps.size)}
+        if ltp["rounds"]:
+            out.update(ltp_rounds=ltp["rounds"], ltp_lost_mean=ltp["lost_sum"] / ltp["rounds"],
+                       ltp_lost_max=ltp["lost_max"], ltp_resends=ltp["resends"])
+        return out
 
     def _log_decisions(self, decisions: list[tuple[str, dict]]) -> None:
         for name, fields in decisions:
@@ -555,5 +586,6 @@ def serve_until(server: ParameterServer, should_stop: threading.Event, stats_eve
     with server._state:
         # A fingerprint of the final state: replicas of a chain must agree bit for bit.
         digest = zlib.crc32(memoryview(server.params).cast("B"))
-    server.log.emit("server_stop", shard=server.shard, params_crc32=digest, **server.snapshot_stats())
+    server.log.emit("server_stop", shard=server.shard, params_crc32=digest, **server.snapshot_stats(),
+                    **server.round_stats())
     server.close()
