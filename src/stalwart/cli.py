@@ -17,6 +17,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (they measure; th
 app.add_typer(bench_app, name="bench")
 experiment_app = typer.Typer(no_args_is_help=True, help="Experiments: grids of real jobs, aggregated over seeds.")
 app.add_typer(experiment_app, name="experiment")
+netlab_app = typer.Typer(no_args_is_help=True, help="Run jobs inside an emulated network (namespaces, a bottleneck); root.")
+app.add_typer(netlab_app, name="netlab")
 console = Console()
 err = Console(stderr=True)
 
@@ -61,7 +63,12 @@ def train(
     straggler: Optional[list[str]] = typer.Option(
         None, "--straggler", help="slow a worker: 3:2.0 | *:jitter=0.5 | 3:1.0@20s | 0:3.0@clock=500 (repeatable)"),
     host: Optional[str] = typer.Option(None, help="address servers bind to (default loopback)"),
-    transport: Optional[str] = typer.Option(None, help="transport: tcp"),
+    transport: Optional[str] = typer.Option(None, help="transport of pushes: tcp | ltp (loss-tolerant UDP)"),
+    ltp_fill: Optional[str] = typer.Option(None, help="ltp: what fills lost ranges: rescale | zero | previous"),
+    ltp_hadamard: Optional[bool] = typer.Option(None, "--ltp-hadamard/--no-ltp-hadamard",
+                                                help="ltp: randomized Hadamard rotation before sending"),
+    ltp_min_fraction: Optional[float] = typer.Option(None, help="ltp: least fraction of a push a round closes with"),
+    ltp_drop: Optional[float] = typer.Option(None, help="ltp: the server drops this fraction of packets on purpose"),
     out: Optional[Path] = typer.Option(None, help="parent folder of run directories"),
     name: Optional[str] = typer.Option(None, help="run directory name"),
     tensorboard: Optional[Path] = typer.Option(None, help="also write TensorBoard event files here"),
@@ -69,8 +76,6 @@ def train(
 ) -> None:
     """Train a model on a parameter server; leaves a run directory with logs, summary and plots."""
     from .config import ConfigError, JobConfig
-    from .data import DatasetError
-    from .launch import Job, JobFailed
 
     overrides = {
         "cluster.workers": workers, "cluster.servers": servers, "cluster.host": host,
@@ -85,7 +90,8 @@ def train(
         "recovery.strategy": recovery, "recovery.every_updates": checkpoint_every,
         "recovery.replicas": replicas, "recovery.mode": chain_mode,
         "recovery.flush_rule": flush_rule, "recovery.backlog_max": backlog_max,
-        "out": str(out) if out else None, "name": name,
+        "ltp.fill": ltp_fill, "ltp.hadamard": ltp_hadamard, "ltp.min_fraction": ltp_min_fraction,
+        "ltp.drop": ltp_drop, "out": str(out) if out else None, "name": name,
         "tensorboard": str(tensorboard) if tensorboard else None,
         "progress": False if quiet else None,
     }
@@ -93,7 +99,14 @@ def train(
         job_config = JobConfig.load(config, overrides)
     except ConfigError as exc:
         _fail(f"config error: {exc}")
-    job = Job(job_config)
+    _run_job(job_config)
+
+
+def _run_job(job_config, placement: dict | None = None) -> None:
+    from .data import DatasetError
+    from .launch import Job, JobFailed
+
+    job = Job(job_config, placement)
     try:
         summary = job.run()
     except (DatasetError, ValueError, TypeError) as exc:
@@ -327,6 +340,78 @@ def experiment_failure(
                                     preset["down_s"] if down is None else down, variants)
     console.print(render_markdown(result["rows"], result), highlight=False)
     console.print(f"results: {out}/results.md, {out}/results.json, {out}/table.json, {out}/accuracy.png")
+
+
+@netlab_app.command("run")
+def netlab_run(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML job file"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a config field: cluster.transport=ltp (repeatable)"),
+    rate_mbit: float = typer.Option(1000.0, help="bottleneck rate towards each server"),
+    buffer_kb: float = typer.Option(64.0, help="bottleneck queue towards each server"),
+    mtu: int = typer.Option(1500, help="MTU of every link"),
+) -> None:
+    """Run a training job with every server and worker on a host of its own, behind a bottleneck."""
+    import yaml
+
+    from .config import ConfigError, JobConfig
+    from .netlab import NetLab, NetLabError
+
+    overrides = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"--set {item!r} is not of the form field.path=value")
+        overrides[key.strip()] = yaml.safe_load(value)
+    try:
+        job_config = JobConfig.load(config, overrides)
+    except ConfigError as exc:
+        _fail(f"config error: {exc}")
+    servers = job_config.cluster.servers * job_config.recovery.replicas_per_shard
+    try:
+        with NetLab(workers=job_config.cluster.workers, servers=servers, rate_mbit=rate_mbit,
+                    buffer_kb=buffer_kb, mtu=mtu) as lab:
+            job_config.cluster.host = lab.bridge_address
+            console.print(f"netlab {lab.subnet}: {servers} server(s) behind {rate_mbit:g} Mbit/s, "
+                          f"{buffer_kb:g} KB; {job_config.cluster.workers} workers", highlight=False)
+            _run_job(job_config, lab.placement())
+            console.print(f"bottleneck: {lab.bottleneck_stats()}", highlight=False)
+    except (NetLabError, ValueError) as exc:
+        _fail(f"netlab: {exc}")
+
+
+@netlab_app.command("cleanup")
+def netlab_cleanup() -> None:
+    """Remove namespaces and links a killed netlab left behind."""
+    from .netlab import cleanup_leftovers
+    removed = cleanup_leftovers()
+    console.print(f"removed {len(removed)}: {' '.join(removed)}" if removed else "nothing to remove")
+
+
+@experiment_app.command("transport")
+def experiment_transport(
+    out: Path = typer.Option(Path("experiments/transport"), help="folder for results, plots and runs"),
+    quick: bool = typer.Option(False, "--quick", help="smoke check: one rate and buffer, 6 s per run, no parity or fills"),
+    rate: Optional[list[float]] = typer.Option(None, "--rate", help="bottleneck rates in Mbit/s (default 100, 500)"),
+    buffer: Optional[list[float]] = typer.Option(None, "--buffer", help="bottleneck queues in KB (default 32, 256)"),
+    duration: Optional[float] = typer.Option(None, min=1, help="seconds per grid run (default 12)"),
+    parity_epochs: Optional[float] = typer.Option(None, min=0, help="epochs of the parity and fill runs (0: skip)"),
+    workers: int = typer.Option(8, min=1),
+    hidden: int = typer.Option(256, min=1, help="MLP width (256: 78k parameters, 312 KB per push)"),
+) -> None:
+    """TCP vs LTP, 8 workers into 1 server through an emulated incast bottleneck (needs root)."""
+    from .experiments.transport import FULL, QUICK, base_config, render_markdown, run_transport_experiment
+    from .netlab import unavailable_reason
+
+    if (reason := unavailable_reason()) is not None:
+        _fail(f"experiment transport runs inside netlab: {reason}")
+    preset = dict(QUICK if quick else FULL)
+    preset.update({k: v for k, v in {"rates": tuple(rate or ()), "buffers": tuple(buffer or ()),
+                                     "duration_s": duration}.items() if v})
+    if parity_epochs is not None:
+        preset.update(parity_epochs=parity_epochs, fill_epochs=parity_epochs)
+    result = run_transport_experiment(out, preset, base_config(workers, hidden))
+    console.print(render_markdown(result["rows"], result), highlight=False)
+    console.print(f"results: {out}/results.md, {out}/results.json, {out}/rounds.png")
 
 
 def main() -> None:

@@ -67,9 +67,9 @@ def raw_tcp_mb_per_s(seconds: float, chunk: int = 16 << 20) -> float:
 
 # --- push+pull clients ------------------------------------------------------------------
 
-def _client(shards, bounds, token, worker, seconds, ready, go, results) -> None:
+def _client(shards, bounds, token, worker, seconds, ready, go, results, transport) -> None:
     from ..worker.client import ParameterClient
-    client = ParameterClient(shards, bounds, token, worker=worker)
+    client = ParameterClient(shards, bounds, token, worker=worker, transport=transport)
     params = np.zeros(bounds[-1], dtype=np.float32)
     grad = np.full(bounds[-1], 1e-3, dtype=np.float32)
     client.init(params)
@@ -101,7 +101,7 @@ def measure(params: int, workers: int, servers: int, transport: str, seconds: fl
             ctx = mp.get_context("spawn")
             ready, go, results = ctx.Queue(), ctx.Event(), ctx.Queue()
             procs = [ctx.Process(target=_client, args=(shards, bounds, cluster.token, w, seconds,
-                                                       ready, go, results)) for w in range(workers)]
+                                                       ready, go, results, transport)) for w in range(workers)]
             for p in procs:
                 p.start()
             # Every client has connected, initialized and pulled once before the clock starts.

@@ -24,6 +24,7 @@ class Case:
     group: str
     seed: int
     config: JobConfig
+    netlab: dict | None = None  # NetLab arguments: run the job inside an emulated network
 
 
 def run_cases(cases: list[Case], out: Path) -> list[dict]:
@@ -31,11 +32,10 @@ def run_cases(cases: list[Case], out: Path) -> list[dict]:
     summaries = []
     for i, case in enumerate(cases, 1):
         console.print(f"[{i}/{len(cases)}] {case.group} seed {case.seed} ...", end=" ", highlight=False)
-        job = Job(case.config)
         try:
-            summary = job.run()
+            summary = _run_case(case)
         except JobFailed as exc:
-            summary = dict(job.summary or {}, status="failed", error=str(exc))
+            summary = dict(exc.args[1] if len(exc.args) > 1 else {}, status="failed", error=str(exc.args[0]))
         summary.update(group=case.group, seed=case.seed)
         summaries.append(summary)
         acc = summary.get("final_accuracy")
@@ -43,6 +43,25 @@ def run_cases(cases: list[Case], out: Path) -> list[dict]:
                       f"{'-' if acc is None else f'{acc:.3f}'}", highlight=False)
     (out / "summaries.json").write_text(json.dumps(summaries, indent=1))
     return summaries
+
+
+def _run_case(case: Case) -> dict:
+    if case.netlab is None:
+        job = Job(case.config)
+        try:
+            return job.run()
+        except JobFailed as exc:
+            raise JobFailed(str(exc), job.summary or {}) from None
+    from ..netlab import NetLab
+    with NetLab(**case.netlab) as lab:
+        config = case.config.model_copy(deep=True)
+        config.cluster.host = lab.bridge_address  # driver and coordinator: on the lab's bridge
+        job = Job(config, placement=lab.placement())
+        try:
+            summary = job.run()
+        except JobFailed as exc:
+            raise JobFailed(str(exc), dict(job.summary or {}, bottleneck=lab.bottleneck_stats())) from None
+        return dict(summary, bottleneck=lab.bottleneck_stats())
 
 
 def accuracy_band(summaries: list[dict], grid: np.ndarray,
