@@ -326,3 +326,23 @@ def test_an_announcement_beyond_the_limit_is_refused_by_name(ltp_server):
     reply = conn.recv()
     assert reply.kind == Kind.ERROR and "exceeds this connection's limit" in reply.meta["reason"]
     conn.close()
+
+
+def test_the_meter_is_safe_to_read_while_the_receive_thread_adds():
+    import threading
+    m = BottleneckMeter()
+    stop = threading.Event()
+
+    def add():
+        t = 0.0
+        while not stop.is_set():
+            t += 0.011
+            m.add(int(t * 1000) % 50, 1000, t)  # new senders and samples all the time
+    thread = threading.Thread(target=add)
+    thread.start()
+    try:
+        for _ in range(20_000):
+            m.share(1e9)
+    finally:
+        stop.set()
+        thread.join()

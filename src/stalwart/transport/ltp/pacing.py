@@ -21,6 +21,7 @@ an incast: the receiver.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 
 GAINS = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
@@ -33,12 +34,18 @@ class BottleneckMeter:
     """The receiver's estimate of the bottleneck: windowed max of the aggregate arrival rate."""
 
     def __init__(self) -> None:
+        # The receive thread adds; every connection's thread asks for the share.
+        self._lock = threading.Lock()
         self._start: float | None = None
         self._bytes = 0
         self._samples: deque[tuple[float, float]] = deque()  # (time, bytes/s)
         self._last_seen: dict[int, float] = {}  # sender -> last arrival
 
     def add(self, sender: int, nbytes: int, now: float) -> None:
+        with self._lock:
+            self._add(sender, nbytes, now)
+
+    def _add(self, sender: int, nbytes: int, now: float) -> None:
         self._last_seen[sender] = now
         if self._start is None:
             self._start = now
@@ -50,14 +57,16 @@ class BottleneckMeter:
                 self._samples.popleft()
 
     def forget(self, sender: int) -> None:
-        self._last_seen.pop(sender, None)
+        with self._lock:
+            self._last_seen.pop(sender, None)
 
     def share(self, now: float) -> float:
         """Bytes/s one active sender may send; 0 while nothing has been measured."""
-        if not self._samples:
-            return 0.0
-        active = sum(1 for t in self._last_seen.values() if t >= now - ACTIVE_S) or 1
-        return max(rate for _, rate in self._samples) / active
+        with self._lock:
+            if not self._samples:
+                return 0.0
+            active = sum(1 for t in self._last_seen.values() if t >= now - ACTIVE_S) or 1
+            return max(rate for _, rate in self._samples) / active
 
 
 class Pacer:

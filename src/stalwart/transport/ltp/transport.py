@@ -400,6 +400,8 @@ class LtpClientConnection(Connection):
         return frame
 
     def close(self) -> None:
+        if self._closed:
+            return  # a client may close twice (its owner, then the owner's owner)
         self._closed = True
         if self.ready:
             os.write(self._wake_w, b"x")
