@@ -48,6 +48,23 @@ def _options(options: Any) -> Any:
     return options
 
 
+class _OverTcp(Connection):
+    """What both ends of an LTP connection leave to their TCP connection."""
+
+    tcp: TcpConnection
+
+    @property
+    def max_payload(self) -> int:
+        return self.tcp.max_payload
+
+    @max_payload.setter
+    def max_payload(self, value: int) -> None:
+        self.tcp.max_payload = value
+
+    def settimeout(self, seconds: float | None) -> None:
+        self.tcp.settimeout(seconds)
+
+
 # --- the server side -------------------------------------------------------------------
 
 class LtpListener(Listener):
@@ -118,7 +135,7 @@ class LtpListener(Listener):
                     self.malformed += int(mine.sum())
 
 
-class LtpServerConnection(Connection):
+class LtpServerConnection(_OverTcp):
     def __init__(self, tcp: TcpConnection, listener: LtpListener):
         self.tcp, self.listener = tcp, listener
         self.peer = tcp.peer
@@ -135,17 +152,6 @@ class LtpServerConnection(Connection):
         self._drop = np.random.default_rng(self.options.drop_seed) if self.options.drop > 0 else None
         self.stats = {"rounds": 0, "lost_packets": 0, "packets": 0, "resends": 0, "refused": 0, "dropped": 0}
         self._closed = False
-
-    @property
-    def max_payload(self) -> int:
-        return self.tcp.max_payload
-
-    @max_payload.setter
-    def max_payload(self, value: int) -> None:
-        self.tcp.max_payload = value
-
-    def settimeout(self, seconds: float | None) -> None:
-        self.tcp.settimeout(seconds)
 
     def send(self, frame: Frame, payload: memoryview | bytes | None = None) -> None:
         if frame.kind == Kind.AUTH_OK:
@@ -325,7 +331,7 @@ class LtpServerConnection(Connection):
 
 # --- the client side --------------------------------------------------------------------
 
-class LtpClientConnection(Connection):
+class LtpClientConnection(_OverTcp):
     def __init__(self, tcp: TcpConnection, host: str):
         self.tcp, self.host = tcp, host
         self.peer = tcp.peer
@@ -335,17 +341,6 @@ class LtpClientConnection(Connection):
         self._lock = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
-
-    @property
-    def max_payload(self) -> int:
-        return self.tcp.max_payload
-
-    @max_payload.setter
-    def max_payload(self, value: int) -> None:
-        self.tcp.max_payload = value
-
-    def settimeout(self, seconds: float | None) -> None:
-        self.tcp.settimeout(seconds)
 
     def _open(self, info: dict) -> None:
         try:
