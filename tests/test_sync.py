@@ -233,6 +233,27 @@ def test_a_worker_joining_bsp_is_waited_for_from_the_barrier_being_collected():
     np.testing.assert_allclose(bsp.on_push(1, 1, g(4)), g(3))
 
 
+def test_a_worker_rejoining_shards_a_barrier_apart_continues_from_the_earlier_one():
+    # worker 1 was lost; worker 0's push for clock 5 reached shard A, not yet shard B
+    a, b = BSP(workers=2, shard_size=4), BSP(workers=2, shard_size=4)
+    for shard in (a, b):
+        for clock in range(5):
+            shard.on_push(0, clock, g(1))
+            shard.on_push(1, clock, g(1))
+        shard.leave(1)
+    a.on_push(0, 5, g(1))                                    # A: barrier 5 done alone
+    resume = min(a.join(1), b.join(1))                       # what the client takes
+    assert (a.clock, b.clock, resume) == (6, 5, 5)
+    assert a.on_push(1, 5, g(9)) is None and a.may_proceed(1, 5)   # late at A: dropped
+    assert b.on_push(0, 5, g(1)) is None                     # B waits for the rejoined worker
+    np.testing.assert_allclose(b.on_push(1, 5, g(3)), g(2))
+    for shard in (a, b):                                     # both collect clock 6 together
+        assert shard.on_push(0, 6, g(1)) is None
+        np.testing.assert_allclose(shard.on_push(1, 6, g(3)), g(2))
+    with pytest.raises(SyncError):
+        a.on_push(1, 5, g(1))                                # caught up: the past is refused again
+
+
 def test_a_worker_joining_ssp_resumes_after_its_last_clock():
     ssp = parse_policy("ssp:1")(2, 4)
     ssp.on_push(1, 4, g(1))

@@ -11,6 +11,12 @@ proves that the earlier barrier completed before the crash, so the collection mo
 forward to it (the partial sum, part of the lost state, is dropped); a push for an
 earlier clock is such a completed barrier's late resend, counted as done. The same
 holds once every worker has left: the clock is whatever the returning workers bring.
+
+A worker that (re)joins a running job may find the shards one barrier apart: another
+worker's push for clock ``c`` reached one shard and not yet the other. It continues
+from the lowest clock any shard collects, so no shard is asked for a barrier it has not
+reached; where that barrier already completed without it, its push is late and dropped
+(it counts nowhere), until it catches up with the barrier being collected.
 """
 
 from __future__ import annotations
@@ -30,13 +36,15 @@ class BSP(SyncPolicy):
         self.pushed: set[int] = set()
         self._sum = np.zeros(shard_size, dtype=np.float32)
         self.synced = False  # becomes True with the first completed barrier
+        self.rejoining: set[int] = set()  # joined, and not yet at the barrier being collected
 
     def on_push(self, worker: int, clock: int, grad: np.ndarray, now: float = 0.0,
                 hint: dict | None = None) -> np.ndarray | None:
         if not self.synced and clock > self.clock:
             self.clock, self.done_clock, self.pushed = clock, clock - 1, set()
-        elif not self.synced and clock < self.clock:
-            return None
+        elif clock < self.clock and (not self.synced or worker in self.rejoining):
+            return None  # a completed barrier's late push (see the module docstring)
+        self.rejoining.discard(worker)
         if clock != self.clock:
             raise SyncError(f"worker {worker} pushed clock {clock} while the barrier "
                             f"collects clock {self.clock}")
@@ -63,6 +71,7 @@ class BSP(SyncPolicy):
 
     def join(self, worker: int) -> int:
         self.active.add(worker)
+        self.rejoining.add(worker)
         return self.clock  # the barrier being collected now waits for it too
 
     def may_proceed(self, worker: int, clock: int) -> bool:

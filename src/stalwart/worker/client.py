@@ -144,12 +144,14 @@ class ParameterClient:
         the clock to continue from (0 for a new job, later for a worker that rejoins)."""
         for s, view in enumerate(self._views(params)):
             self.conns[s].send(Frame(Kind.INIT, shard=s, worker=self.worker), view)
-        resume = 0
+        resumes = []
         for s in range(self.shards):
             ack = self._recv(s, Kind.PUSH_ACK)
             clock = (ack.meta or {}).get("resume_clock", 0)
-            resume = max(resume, clock if type(clock) is int and clock >= 0 else 0)
-        return resume
+            resumes.append(clock if type(clock) is int and clock >= 0 else 0)
+        # Shards may be a barrier apart when a worker rejoins a running job: continue from
+        # the earliest, which no shard has passed by more than that one barrier.
+        return min(resumes)
 
     def push_pull(self, grad: np.ndarray | None, params: np.ndarray | None, clock: int,
                   wait: bool = True) -> list[int]:
