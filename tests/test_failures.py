@@ -59,8 +59,29 @@ def test_ctrl_c_stops_everything(run_root):
     try:
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # the CLI dumps its threads' stacks to stderr
+        try:
+            _, stderr = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+        pytest.fail(f"the CLI did not exit within 60 s of SIGINT; its stacks:\n{stderr[-6000:]}")
     finally:
         proc.kill()
     assert proc.returncode == 130
     assert "interrupted" in stderr
     assert not [key for key, pid in pids.items() if key[0] != "driver" and pid_alive(pid)]
+
+
+def test_a_first_ctrl_c_is_a_request_and_a_second_one_interrupts_at_once():
+    from stalwart.launch.job import DeferredInterrupt
+    before = signal.getsignal(signal.SIGINT)
+    with DeferredInterrupt() as interrupt:
+        os.kill(os.getpid(), signal.SIGINT)   # handled in this thread before kill returns
+        assert interrupt.requested             # noted, nothing raised mid-statement
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.check()                  # raised where the driver asks
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -415,6 +417,8 @@ def experiment_transport(
 
 
 def main() -> None:
+    # `kill -USR1 <pid>` prints where every thread of a stuck driver is, without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         app()
     except BrokenPipeError:

@@ -11,6 +11,8 @@ that names it. Whatever happens, the run directory ends with ``summary.json``.
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +37,41 @@ def _log_exit(log: EventLog, e: Exit) -> None:
              cpu_s=e.cpu_s, max_rss_mb=e.max_rss_mb)
 
 
+class DeferredInterrupt:
+    """Ctrl-C as a request that the driver acts on where it is safe to, not as an
+    exception raised wherever the main thread happens to be.
+
+    Python raises KeyboardInterrupt between any two bytecodes, also inside a ``with
+    lock:`` that has taken the lock and not yet entered its block; the shutdown that
+    follows would then wait on that lock for ever. So the first Ctrl-C only sets a flag,
+    which :meth:`check` turns into KeyboardInterrupt at the driver's waits (every few
+    tenths of a second); a second Ctrl-C, from a user who will not wait, raises at once.
+    Outside the main thread (where signals cannot be handled) it changes nothing.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "DeferredInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 class JobFailed(RuntimeError):
     """The job could not run to its end; the message says which role failed and how."""
 
@@ -45,6 +82,7 @@ class Job:
         self.placement = placement  # where each role runs (netlab); None: all here
         self.run_dir: Path | None = None
         self.summary: dict | None = None
+        self.interrupt = DeferredInterrupt()
 
     # --- set-up ------------------------------------------------------------------
     def _make_run_dir(self) -> Path:
@@ -60,6 +98,10 @@ class Job:
         return run_dir
 
     def run(self) -> dict:
+        with self.interrupt:
+            return self._run()
+
+    def _run(self) -> dict:
         c = self.config
         self.run_dir = run_dir = self._make_run_dir()
         log = EventLog.for_role(run_dir, "driver", 0)
@@ -118,6 +160,7 @@ class Job:
         injector: FaultInjector | None = None
 
         def check(exits: list[Exit]) -> None:
+            self.interrupt.check()
             for e in exits:
                 _log_exit(log, e)
                 if injector is not None and injector.expects_exit(e.role, e.index):
