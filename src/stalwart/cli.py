@@ -66,6 +66,8 @@ def train(
         None, "--straggler", help="slow a worker: 3:2.0 | *:jitter=0.5 | 3:1.0@20s | 0:3.0@clock=500 (repeatable)"),
     host: Optional[str] = typer.Option(None, help="address servers bind to (default loopback)"),
     transport: Optional[str] = typer.Option(None, help="transport of pushes: tcp | ltp (loss-tolerant UDP)"),
+    shm: Optional[bool] = typer.Option(None, "--shm/--no-shm",
+                                       help="tcp: shared memory between a worker and a server on one host (default on)"),
     ltp_fill: Optional[str] = typer.Option(None, help="ltp: what fills lost ranges: rescale | zero | previous"),
     ltp_hadamard: Optional[bool] = typer.Option(None, "--ltp-hadamard/--no-ltp-hadamard",
                                                 help="ltp: randomized Hadamard rotation before sending"),
@@ -81,7 +83,7 @@ def train(
 
     overrides = {
         "cluster.workers": workers, "cluster.servers": servers, "cluster.host": host,
-        "cluster.transport": transport, "sync.policy": sync, "data.dataset": dataset,
+        "cluster.transport": transport, "cluster.shm": shm, "sync.policy": sync, "data.dataset": dataset,
         "data.data_dir": str(data_dir) if data_dir else None, "data.samples": samples,
         "data.batch_size": batch_size, "model.name": model, "optimizer.name": optimizer,
         "optimizer.lr": lr, "optimizer.momentum": momentum, "train.duration_s": duration,

@@ -30,6 +30,9 @@ class ClusterConfig(_Section):
     # Loopback unless told otherwise: a server is reachable only from this host by default.
     host: str = "127.0.0.1"
     transport: str = "tcp"
+    # TCP between a worker and a server on one host moves large payloads through shared
+    # memory (both ends detect it); false keeps every byte on the socket.
+    shm: bool = True
     launcher: Literal["local"] = "local"
     heartbeat_s: float = Field(0.2, gt=0, le=10)
     lease_s: float = Field(2.0, gt=0, le=120)

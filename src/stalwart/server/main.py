@@ -37,7 +37,7 @@ def run_server(spec, index: int) -> int:
                                     every_updates=r.every_updates, every_s=r.every_s, keep=r.keep)
     # A launcher that places roles on hosts of their own (netlab) says where this one is.
     host = os.environ.get(HOST_ENV) or job.cluster.host
-    listener = get_transport(job.cluster.transport, job.ltp).listen(host, 0)
+    listener = get_transport(job.cluster.transport, job.ltp, shm=job.cluster.shm).listen(host, 0)
     server = ParameterServer(listener, token, log, shard=shard, size=size, optimizer=optimizer,
                              policy=policy, workers=job.cluster.workers, checkpointer=checkpointer)
     if r.strategy == "stateless":

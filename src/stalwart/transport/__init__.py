@@ -9,10 +9,11 @@ from .tcp import TcpTransport
 TRANSPORTS: dict[str, type[Transport]] = {"tcp": TcpTransport, "ltp": LtpTransport}
 
 
-def get_transport(name: str, options=None) -> Transport:
-    """A transport by name; ``options`` is its config section where it has one (LTP's)."""
+def get_transport(name: str, options=None, shm: bool = True) -> Transport:
+    """A transport by name; ``options`` is its config section where it has one (LTP's);
+    ``shm`` allows shared memory between two ends on one host (TCP's)."""
     try:
-        return TRANSPORTS[name](options)
+        return TRANSPORTS[name](options, shm)
     except KeyError:
         raise ValueError(f"unknown transport {name!r}; choose one of {sorted(TRANSPORTS)}") from None
 

@@ -5,6 +5,9 @@ HMAC-SHA256(token, "client" | server_nonce | client_nonce); the server checks it
 proves itself in turn with HMAC(token, "server" | client_nonce | server_nonce). The
 token itself never crosses the wire, and a recorded exchange cannot be replayed
 because both nonces are fresh. Until this succeeds a connection accepts no payload.
+
+Both ends also state what they offer (``caps``: e.g. a host identity for shared
+memory); what both offer is switched on only once each has proved itself.
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ def _expect(frame: Frame, kind: Kind, field: str) -> bytes:
     return value
 
 
+def _caps(frame: Frame) -> dict:
+    """The capabilities a peer offered (none, if it offered something malformed)."""
+    caps = (frame.meta or {}).get("caps")
+    return caps if isinstance(caps, dict) else {}
+
+
 def server_handshake(conn: Connection, token: bytes) -> None:
     """Authenticate a client; on failure tell it why (an ERROR frame) and raise."""
     try:
@@ -60,8 +69,10 @@ def _authenticate_client(conn: Connection, token: bytes) -> None:
     mac = _expect(reply, Kind.AUTH, "mac")
     if not hmac.compare_digest(mac, _mac(token, b"client", server_nonce, client_nonce)):
         raise AuthError(f"authentication failed: client {conn.peer} sent a wrong HMAC (wrong job token)")
-    conn.send(Frame(Kind.AUTH_OK, meta={"mac": _mac(token, b"server", client_nonce, server_nonce)}))
+    conn.send(Frame(Kind.AUTH_OK, meta={"mac": _mac(token, b"server", client_nonce, server_nonce),
+                                        "caps": conn.capabilities()}))
     conn.settimeout(None)
+    conn.negotiated(_caps(reply))
 
 
 def client_handshake(conn: Connection, token: bytes) -> None:
@@ -70,8 +81,11 @@ def client_handshake(conn: Connection, token: bytes) -> None:
     server_nonce = _expect(challenge, Kind.CHALLENGE, "nonce")
     client_nonce = secrets.token_bytes(NONCE_BYTES)
     conn.send(Frame(Kind.AUTH, meta={"nonce": client_nonce,
-                                     "mac": _mac(token, b"client", server_nonce, client_nonce)}))
-    mac = _expect(conn.recv(), Kind.AUTH_OK, "mac")
+                                     "mac": _mac(token, b"client", server_nonce, client_nonce),
+                                     "caps": conn.capabilities()}))
+    ok = conn.recv()
+    mac = _expect(ok, Kind.AUTH_OK, "mac")
     if not hmac.compare_digest(mac, _mac(token, b"server", client_nonce, server_nonce)):
         raise AuthError(f"server {conn.peer} failed to prove it holds the job token")
     conn.settimeout(None)
+    conn.negotiated(_caps(ok))

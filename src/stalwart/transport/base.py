@@ -42,6 +42,14 @@ class Connection(ABC):
     @abstractmethod
     def settimeout(self, seconds: float | None) -> None: ...
 
+    def capabilities(self) -> dict:
+        """What this end offers its peer, stated during authentication (e.g. a host
+        identity for shared memory)."""
+        return {}
+
+    def negotiated(self, peer: dict) -> None:
+        """Authentication succeeded and the peer offered ``peer``: switch on what both support."""
+
 
 class Listener(ABC):
     address: str
@@ -57,8 +65,9 @@ class Listener(ABC):
 class Transport(ABC):
     name: str
 
-    def __init__(self, options=None):
+    def __init__(self, options=None, shm: bool = True):
         self.options = options
+        self.shm = shm  # may payloads between two ends on one host go through shared memory?
 
     @abstractmethod
     def listen(self, host: str, port: int = 0) -> Listener: ...

@@ -1,10 +1,17 @@
-"""TCP: the reliable transport every job can fall back on."""
+"""TCP: the reliable transport every job can fall back on.
+
+Between two ends on the same host (both say so when they authenticate) large payloads
+go through shared memory instead of the socket (:mod:`stalwart.transport.shm`); the
+socket still carries every frame, in order. ``shm=False`` keeps everything on the socket.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 
+from . import shm
 from .base import Connection, ConnectionClosed, Listener, PayloadSink, Transport, split_address
 from .frame import HEADER_SIZE, Frame, ProtocolError, decode_header, decode_meta, encode_header
 
@@ -19,10 +26,13 @@ def _close(sock: socket.socket) -> None:
 
 
 class TcpConnection(Connection):
-    def __init__(self, sock: socket.socket, max_payload: int = 0):
+    def __init__(self, sock: socket.socket, max_payload: int = 0, shm_allowed: bool = True):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self.max_payload = max_payload
+        self.shm_allowed = shm_allowed
+        self.shm_out: shm.ShmSender | None = None   # set once both ends share a host
+        self.shm_in: shm.ShmReceiver | None = None
         self._send_lock = threading.Lock()
         self._header = bytearray(HEADER_SIZE)
         try:
@@ -34,10 +44,24 @@ class TcpConnection(Connection):
     def settimeout(self, seconds: float | None) -> None:
         self.sock.settimeout(seconds)
 
+    def capabilities(self) -> dict:
+        host = shm.host_identity() if self.shm_allowed else None
+        return {"shm": host} if host else {}
+
+    def negotiated(self, peer: dict) -> None:
+        mine = self.capabilities().get("shm")
+        if mine is not None and peer.get("shm") == mine:
+            self.shm_out, self.shm_in = shm.ShmSender(), shm.ShmReceiver()
+
     def send(self, frame: Frame, payload: memoryview | bytes | None = None) -> None:
         body = memoryview(payload).cast("B") if payload is not None else memoryview(b"")
-        buffers = [memoryview(encode_header(frame, body.nbytes)), body]
         with self._send_lock:
+            if self.shm_out is not None and body.nbytes >= shm.MIN_BYTES:
+                entry = self.shm_out.write(body)
+                if entry is not None:
+                    frame = dataclasses.replace(frame, meta={**(frame.meta or {}), "shm": entry})
+                    body = memoryview(b"")
+            buffers = [memoryview(encode_header(frame, body.nbytes)), body]
             try:
                 while buffers:
                     sent = self.sock.sendmsg(buffers)
@@ -70,6 +94,8 @@ class TcpConnection(Connection):
             raw = bytearray(meta_len)
             self._recv_exact(memoryview(raw))
             frame.meta = decode_meta(raw)
+            if "shm" in frame.meta:
+                return self._recv_shared(frame, sink)
         if frame.payload_len:
             target = sink(frame) if sink is not None else None
             if target is None:
@@ -83,19 +109,45 @@ class TcpConnection(Connection):
             frame.payload = target
         return frame
 
+    def _recv_shared(self, frame: Frame, sink: PayloadSink | None) -> Frame:
+        """A frame whose payload waits in the peer's shared-memory segment."""
+        entry = frame.meta.pop("shm")
+        frame.meta = frame.meta or None
+        if self.shm_in is None:
+            raise ProtocolError("a frame names shared memory on a connection that did not agree to it")
+        if frame.payload_len:
+            raise ProtocolError("a frame carries a payload both inline and in shared memory")
+        length = entry[2] if isinstance(entry, list) and len(entry) == 3 and type(entry[2]) is int else -1
+        if not 0 < length <= self.max_payload:
+            raise ProtocolError(f"shared-memory payload of {length} bytes is outside this connection's "
+                                f"limit of {self.max_payload} bytes")
+        frame.payload_len = length
+        target = sink(frame) if sink is not None else None
+        if target is not None and target.nbytes != length:
+            raise ProtocolError(f"{frame.kind.name} payload of {length} bytes "
+                                f"does not match the expected {target.nbytes}")
+        frame.payload = self.shm_in.read_into(entry, target)
+        return frame
+
     def close(self) -> None:
         _close(self.sock)
+        with self._send_lock:
+            if self.shm_out is not None:
+                self.shm_out.close()
+        if self.shm_in is not None:
+            self.shm_in.close()
 
 
 class TcpListener(Listener):
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, shm_allowed: bool = True):
         self.sock = sock
+        self.shm_allowed = shm_allowed
         host, port = sock.getsockname()[:2]
         self.address = f"{host}:{port}"
 
     def accept(self) -> TcpConnection:
         sock, _ = self.sock.accept()
-        return TcpConnection(sock)
+        return TcpConnection(sock, shm_allowed=self.shm_allowed)
 
     def close(self) -> None:
         _close(self.sock)
@@ -106,13 +158,13 @@ class TcpTransport(Transport):
 
     def listen(self, host: str, port: int = 0) -> TcpListener:
         sock = socket.create_server((host, port), backlog=128, reuse_port=False)
-        return TcpListener(sock)
+        return TcpListener(sock, self.shm)
 
     def listen_fd(self, fd: int) -> TcpListener:
         """Adopt a listening socket handed down by the launcher (no port race)."""
-        return TcpListener(socket.socket(fileno=fd))
+        return TcpListener(socket.socket(fileno=fd), self.shm)
 
     def connect(self, address: str, timeout: float = 5.0) -> TcpConnection:
         sock = socket.create_connection(split_address(address), timeout=timeout)
         sock.settimeout(None)
-        return TcpConnection(sock)
+        return TcpConnection(sock, shm_allowed=self.shm)

@@ -70,7 +70,7 @@ class _OverTcp(Connection):
 class LtpListener(Listener):
     def __init__(self, host: str, port: int, options: Any):
         self.options = _options(options)
-        self.tcp = TcpTransport().listen(host, port)
+        self.tcp = TcpTransport(shm=False).listen(host, port)  # LTP measures the network
         self.address = self.tcp.address
         tcp_port = split_address(self.address)[1]
         try:
@@ -520,12 +520,12 @@ class LtpTransport(Transport):
 
     name = "ltp"
 
-    def __init__(self, options: Any = None):
-        self.options = _options(options)
+    def __init__(self, options: Any = None, shm: bool = True):
+        super().__init__(_options(options), shm=False)  # pushes over the network, always
 
     def listen(self, host: str, port: int = 0) -> LtpListener:
         return LtpListener(host, port, self.options)
 
     def connect(self, address: str, timeout: float = 5.0) -> LtpClientConnection:
         host, _ = split_address(address)
-        return LtpClientConnection(TcpTransport().connect(address, timeout), host)
+        return LtpClientConnection(TcpTransport(shm=False).connect(address, timeout), host)
