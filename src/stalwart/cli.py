@@ -180,13 +180,15 @@ def bench_pushpull(
     params: list[str] = typer.Option(["1M", "10M", "100M"], "--params", "-p", help="model sizes, e.g. 1M 25M"),
     workers: list[int] = typer.Option([1, 4], "--workers", "-w"),
     servers: list[int] = typer.Option([1], "--servers", "-s"),
-    transport: str = typer.Option("tcp"),
+    transport: str = typer.Option("tcp", help="tcp (sockets only) | shm (tcp with shared memory) | ltp"),
     seconds: float = typer.Option(3.0, help="measuring time per configuration"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Push+pull throughput (MB/s of parameters moved) against raw loopback TCP."""
-    from .bench.pushpull import parse_size, run_pushpull
+    from .bench.pushpull import PATHS, parse_size, run_pushpull
 
+    if transport not in PATHS:
+        _fail(f"unknown transport {transport!r}; choose one of {', '.join(PATHS)}")
     try:
         sizes = [parse_size(p) for p in params]
     except ValueError as exc:
@@ -202,6 +204,64 @@ def bench_pushpull(
         table.add_row(f"{r['params']:,}", str(r["workers"]), str(r["servers"]), str(r["round_trips"]),
                       f"{r['ms_per_round']:.2f}", f"{r['mb_per_s']:.0f}", f"{r['ratio_to_limit']:.2f}")
     console.print(table)
+
+
+@bench_app.command("anchors")
+def bench_anchors(
+    params: list[str] = typer.Option(["1M", "10M", "100M"], "--params", "-p", help="model sizes"),
+    workers: list[int] = typer.Option([1, 4], "--workers", "-w"),
+    system: Optional[list[str]] = typer.Option(
+        None, "--system", help="only these: stalwart/tcp stalwart/shm stalwart/ltp torch-rpc ray-actor (repeatable)"),
+    seconds: float = typer.Option(3.0, min=0.5, help="measuring time per row"),
+    out: Optional[Path] = typer.Option(None, help="also write results.json and results.md here"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Push+pull throughput of stalwart against a torch.rpc and a Ray parameter server, and the machine's limits."""
+    from .bench.anchors import SYSTEMS, render_markdown, run_anchors
+    from .bench.pushpull import parse_size
+
+    chosen = tuple(system or SYSTEMS)
+    if unknown := [s for s in chosen if s not in SYSTEMS]:
+        _fail(f"unknown system {unknown[0]!r}; choose among {', '.join(SYSTEMS)}")
+    try:
+        sizes = [parse_size(p) for p in params]
+    except ValueError as exc:
+        _fail(str(exc))
+    result = run_anchors(sizes, workers, seconds, chosen,
+                         progress=None if as_json else (lambda line: console.print(line, highlight=False)))
+    table = render_markdown(result)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+        (out / "results.md").write_text(table)
+    print(json.dumps(result, indent=1) if as_json else table)  # plain: a markdown table must not wrap
+
+
+@bench_app.command("scaling")
+def bench_scaling(
+    params: str = typer.Option("10M", "--params", "-p", help="model size of the workers x servers sweep"),
+    workers: list[int] = typer.Option([1, 2, 4, 8], "--workers", "-w"),
+    servers: list[int] = typer.Option([1, 2, 4], "--servers", "-s"),
+    sizes: list[str] = typer.Option(["100k", "1M", "10M", "100M"], "--size", help="model sizes of the size sweep"),
+    transport: str = typer.Option("shm", help="tcp | shm | ltp"),
+    seconds: float = typer.Option(3.0, min=0.5, help="measuring time per point"),
+    out: Path = typer.Option(Path("experiments/scaling"), help="folder for results.json, results.md, scaling.png"),
+) -> None:
+    """Aggregate throughput as workers and servers grow, and round time as the model grows."""
+    from .bench import scaling
+    from .bench.pushpull import PATHS, parse_size
+
+    if transport not in PATHS:
+        _fail(f"unknown transport {transport!r}; choose one of {', '.join(PATHS)}")
+    try:
+        size, swept = parse_size(params), [parse_size(p) for p in sizes]
+    except ValueError as exc:
+        _fail(str(exc))
+    result = scaling.run_scaling(size, workers, servers, swept, transport, seconds,
+                                 progress=lambda line: console.print(line, highlight=False))
+    scaling.write(result, out)
+    print(scaling.render_markdown(result))
+    console.print(f"results: {out}/results.md, {out}/results.json, {out}/scaling.png")
 
 
 @bench_app.command("checkpoint")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import re
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from ..config import JobConfig
 from ..layout import ParameterLayout
 from ..launch.cluster import Cluster
 from ..metrics.events import read_events
+from .limits import raw_tcp_mb_per_s
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*$")
 
@@ -33,36 +33,6 @@ def parse_size(text: str) -> int:
         raise ValueError(f"size {text!r} is not a number with an optional k/M/G suffix")
     scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m.group(2).lower()]
     return int(float(m.group(1)) * scale)
-
-
-# --- raw loopback TCP -----------------------------------------------------------------
-
-def _sink(sock: socket.socket, chunk: int, ready) -> None:
-    conn, _ = sock.accept()
-    buf = memoryview(bytearray(chunk))
-    ready.set()
-    while conn.recv_into(buf):
-        pass
-
-
-def raw_tcp_mb_per_s(seconds: float, chunk: int = 16 << 20) -> float:
-    """One stream over loopback, one process at each end: the ceiling for one TCP flow."""
-    ctx = mp.get_context("fork")
-    listener = socket.create_server(("127.0.0.1", 0))
-    ready = ctx.Event()
-    proc = ctx.Process(target=_sink, args=(listener, chunk, ready), daemon=True)
-    proc.start()
-    out = socket.create_connection(listener.getsockname())
-    ready.wait(10)
-    data = memoryview(bytearray(chunk))
-    sent, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        out.sendall(data)
-        sent += chunk
-    out.close()
-    proc.join(10)
-    listener.close()
-    return sent / elapsed / 1e6
 
 
 # --- push+pull clients ------------------------------------------------------------------
@@ -85,11 +55,17 @@ def _client(shards, bounds, token, worker, seconds, ready, go, results, transpor
     client.close()
 
 
+# What the benchmarks call a path, as a transport and whether shared memory may be used.
+PATHS = {"tcp": ("tcp", False), "shm": ("tcp", True), "ltp": ("ltp", False)}
+
+
 def measure(params: int, workers: int, servers: int, transport: str, seconds: float,
              extra: dict | None = None) -> dict:
-    """One configuration; ``extra`` adds config sections (e.g. a recovery strategy)."""
+    """One configuration over ``transport`` (a key of PATHS); ``extra`` adds config
+    sections (e.g. a recovery strategy)."""
+    transport_name, shm = PATHS[transport]
     config = JobConfig.validate_dict({
-        "cluster": {"workers": workers, "servers": servers, "transport": transport},
+        "cluster": {"workers": workers, "servers": servers, "transport": transport_name, "shm": shm},
         "sync": {"policy": "asp"}, "optimizer": {"name": "sgd", "lr": 1e-6, "momentum": 0.0},
         "progress": False, **(extra or {})})
     bounds = ParameterLayout([("weight", (params,))]).shard_bounds(servers)
@@ -101,7 +77,7 @@ def measure(params: int, workers: int, servers: int, transport: str, seconds: fl
             ctx = mp.get_context("spawn")
             ready, go, results = ctx.Queue(), ctx.Event(), ctx.Queue()
             procs = [ctx.Process(target=_client, args=(shards, bounds, cluster.token, w, seconds,
-                                                       ready, go, results, transport)) for w in range(workers)]
+                                                       ready, go, results, transport_name)) for w in range(workers)]
             for p in procs:
                 p.start()
             # Every client has connected, initialized and pulled once before the clock starts.
