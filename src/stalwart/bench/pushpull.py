@@ -11,6 +11,7 @@ raw loopback TCP (one sender process, one receiver process, large ``sendall`` /
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
 import re
 import tempfile
 import time
@@ -84,7 +85,11 @@ def measure(params: int, workers: int, servers: int, transport: str, seconds: fl
             for _ in procs:
                 ready.get(timeout=120)
             go.set()
-            rows = [results.get(timeout=seconds + 120) for _ in procs]
+            try:
+                rows = [results.get(timeout=seconds + 120) for _ in procs]
+            except queue.Empty:
+                raise RuntimeError(f"a client did not report within {seconds + 120:g} s "
+                                   f"(its traceback, if it failed, is printed above)") from None
             for p in procs:
                 p.join(30)
         finally:

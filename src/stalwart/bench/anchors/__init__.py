@@ -45,9 +45,12 @@ def run_anchors(sizes: list[int], workers: list[int], seconds: float = 3.0,
     if "ray-actor" in systems and (why := ray_actor.available()) is not None:
         skipped["ray-actor"] = why
     rows = []
-    for size in sizes:
-        for w in workers:
-            for system in systems:
+    # Ray last, in a pass of its own: its processes take a while to go after
+    # ray.shutdown() and would share the CPU with whatever is measured next.
+    order = [s for s in systems if s != "ray-actor"] + [s for s in systems if s == "ray-actor"]
+    for system in order:
+        for size in sizes:
+            for w in workers:
                 if system in skipped:
                     continue
                 row = {"system": system, "params": size, "workers": w}
@@ -61,8 +64,8 @@ def run_anchors(sizes: list[int], workers: list[int], seconds: float = 3.0,
                 rows.append(row)
                 say(f"  {size:>11,} params  {w} workers  {system:<13} "
                     + (f"{row['mb_per_s']:8.0f} MB/s" if row["mb_per_s"] is not None else row["error"]))
-            for name, value in limits.items():
-                rows.append({"system": name, "params": size, "workers": w, "mb_per_s": value, "limit": True})
+    rows += [{"system": name, "params": size, "workers": w, "mb_per_s": value, "limit": True}
+             for size in sizes for w in workers for name, value in limits.items()]
     return {"seconds": seconds, "limits": limits, "skipped": skipped, "rows": rows}
 
 
