@@ -175,6 +175,14 @@ def report(
         _print_table(summaries)
 
 
+def _check_path(transport: str) -> None:
+    """A benchmark's path by name (tcp, shm, ltp), or a clear error."""
+    from .bench.pushpull import PATHS
+
+    if transport not in PATHS:
+        _fail(f"unknown transport {transport!r}; choose one of {', '.join(PATHS)}")
+
+
 @bench_app.command("pushpull")
 def bench_pushpull(
     params: list[str] = typer.Option(["1M", "10M", "100M"], "--params", "-p", help="model sizes, e.g. 1M 25M"),
@@ -185,10 +193,9 @@ def bench_pushpull(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Push+pull throughput (MB/s of parameters moved) against raw loopback TCP."""
-    from .bench.pushpull import PATHS, parse_size, run_pushpull
+    from .bench.pushpull import parse_size, run_pushpull
 
-    if transport not in PATHS:
-        _fail(f"unknown transport {transport!r}; choose one of {', '.join(PATHS)}")
+    _check_path(transport)
     try:
         sizes = [parse_size(p) for p in params]
     except ValueError as exc:
@@ -249,10 +256,9 @@ def bench_scaling(
 ) -> None:
     """Aggregate throughput as workers and servers grow, and round time as the model grows."""
     from .bench import scaling
-    from .bench.pushpull import PATHS, parse_size
+    from .bench.pushpull import parse_size
 
-    if transport not in PATHS:
-        _fail(f"unknown transport {transport!r}; choose one of {', '.join(PATHS)}")
+    _check_path(transport)
     try:
         size, swept = parse_size(params), [parse_size(p) for p in sizes]
     except ValueError as exc:

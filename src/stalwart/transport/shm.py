@@ -28,6 +28,7 @@ is a :class:`~stalwart.transport.frame.ProtocolError` naming the problem.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import re
@@ -47,9 +48,11 @@ SHM_DIR = Path("/dev/shm")
 _NAME = re.compile(r"^stalwart-shm-(\d+)-[0-9a-f]{16}$")
 
 
+@functools.cache
 def host_identity() -> str | None:
     """Who shares memory with whom: boot, network and mount namespaces, and user.
-    None where there is no /dev/shm to share."""
+    None where there is no /dev/shm to share. Fixed for a process's life (it enters its
+    namespaces before it starts), so read once."""
     if not os.access(SHM_DIR, os.W_OK):
         return None
     try:
