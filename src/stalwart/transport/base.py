@@ -42,6 +42,11 @@ class Connection(ABC):
     @abstractmethod
     def settimeout(self, seconds: float | None) -> None: ...
 
+    @abstractmethod
+    def fileno(self) -> int:
+        """The descriptor that turns readable when a frame (or the peer's going away)
+        arrives, so that a caller can wait on several connections at once."""
+
     def capabilities(self) -> dict:
         """What this end offers its peer, stated during authentication (e.g. a host
         identity for shared memory)."""

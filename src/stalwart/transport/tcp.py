@@ -44,6 +44,9 @@ class TcpConnection(Connection):
     def settimeout(self, seconds: float | None) -> None:
         self.sock.settimeout(seconds)
 
+    def fileno(self) -> int:
+        return self.sock.fileno()  # frames are read straight off the socket: no buffer hides one
+
     def capabilities(self) -> dict:
         host = shm.host_identity() if self.shm_allowed else None
         return {"shm": host} if host else {}

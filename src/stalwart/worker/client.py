@@ -24,9 +24,10 @@ until :meth:`reattach` and :meth:`flush` bring them back.
 
 from __future__ import annotations
 
-import numpy as np
-
+import select
 import time
+
+import numpy as np
 from typing import Callable
 
 from ..transport import NO_WORKER, Connection, Flag, Frame, Kind, ProtocolError, dial
@@ -166,20 +167,28 @@ class ParameterClient:
         self.pushes_sent += grads is not None
         pull_meta = {"hint": self.hint} if self.hint is not None and wait else None
         broken: set[int] = set()
-        live = [s for s in range(self.shards) if s not in self.detached]
-        for s in live:
+        pending: list[int] = []
+        for s in (s for s in range(self.shards) if s not in self.detached):
             try:
                 self._send(s, grads, targets, clock, wait, pull_meta)
+                pending.append(s)
             except (ConnectionError, OSError):
                 broken.add(s)
         hint = None
-        for s in live:
-            if s in broken:
-                continue
-            try:
-                hint = self._receive(s, grads, targets, hint)
-            except (ConnectionError, OSError):
-                broken.add(s)
+        while pending:
+            if broken and not self.detachable:
+                # Redo a lost shard's request before waiting on the others: their replies
+                # may wait on a barrier that other workers reach only once the restarted
+                # server has seen this worker's request (see _ready).
+                for s in sorted(broken):
+                    hint = self._recover(s, grads, targets, clock, wait, pull_meta, hint)
+                broken.clear()
+            for s in self._ready(pending):
+                pending.remove(s)
+                try:
+                    hint = self._receive(s, grads, targets, hint)
+                except (ConnectionError, OSError):
+                    broken.add(s)
         if broken and self.detachable:
             self.broken |= broken
             for s in range(self.shards):
@@ -190,6 +199,26 @@ class ParameterClient:
         if grads is not None:
             self.hint = hint
         return list(self.versions)
+
+    def _ready(self, pending: list[int]) -> list[int]:
+        """The shards of ``pending`` with something to read now (a reply, or their server
+        gone), waiting until there is one.
+
+        Replies are read as they come, not in shard order: a worker blocked on one shard's
+        barrier would not notice that another shard's server died meanwhile, and the
+        barrier may be one that the other workers pass only after this worker redoes its
+        request on the restarted server (which, knowing no clocks, learns them from the
+        requests it gets).
+        """
+        if len(pending) == 1:
+            return pending
+        poller, owner = select.poll(), {}
+        for s in pending:
+            for conn in (self.conns[s], self.pull_conns[s]):
+                owner[conn.fileno()] = s
+                poller.register(conn.fileno(), select.POLLIN)
+        ready = {owner[fd] for fd, _ in poller.poll()}
+        return [s for s in pending if s in ready]
 
     def _send(self, s: int, grads, targets, clock: int, wait: bool, pull_meta: dict | None) -> None:
         if grads is not None:

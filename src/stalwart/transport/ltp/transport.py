@@ -64,6 +64,9 @@ class _OverTcp(Connection):
     def settimeout(self, seconds: float | None) -> None:
         self.tcp.settimeout(seconds)
 
+    def fileno(self) -> int:
+        return self.tcp.fileno()  # every reply comes on the TCP stream
+
 
 # --- the server side -------------------------------------------------------------------
 
