@@ -28,12 +28,13 @@ import select
 import time
 
 import numpy as np
-from typing import Callable
+from typing import Callable, TypeVar
 
 from ..transport import NO_WORKER, Connection, Flag, Frame, Kind, ProtocolError, dial
 
 BACKOFF_FIRST_S = 0.02
 BACKOFF_MAX_S = 1.0
+T = TypeVar("T")
 
 
 class ServerError(RuntimeError):
@@ -71,7 +72,14 @@ class ParameterClient:
         self.pull_conns: list[Connection] = []  # pulls (a chain's tail; else the same connection)
         try:
             for s, address in enumerate(shards):
-                self._connect(s, address, (tails or shards)[s])
+                try:
+                    self._connect(s, address, (tails or shards)[s])
+                except (ConnectionError, OSError):
+                    # Its server died between the map and the dial (a worker that starts,
+                    # or restarts, while a server is down): find it as after a break.
+                    if self.resolve is None or self.reconnect_s <= 0:
+                        raise
+                    self._reach(s, [address], lambda: None)
         except BaseException:
             self.close()
             raise
@@ -175,7 +183,8 @@ class ParameterClient:
             except (ConnectionError, OSError):
                 broken.add(s)
         hint = None
-        while pending:
+        owed = {s: self._owed(grads, targets) for s in pending}
+        while owed:
             if broken and not self.detachable:
                 # Redo a lost shard's request before waiting on the others: their replies
                 # may wait on a barrier that other workers reach only once the restarted
@@ -183,12 +192,17 @@ class ParameterClient:
                 for s in sorted(broken):
                     hint = self._recover(s, grads, targets, clock, wait, pull_meta, hint)
                 broken.clear()
-            for s in self._ready(pending):
-                pending.remove(s)
+            for s, conn in self._ready(owed):
+                if s not in owed:
+                    continue  # broke on its other connection just now
                 try:
-                    hint = self._receive(s, grads, targets, hint)
+                    hint = self._take(s, conn, grads, targets, owed[s], hint)
                 except (ConnectionError, OSError):
                     broken.add(s)
+                    del owed[s]
+                    continue
+                if not owed[s]:
+                    del owed[s]
         if broken and self.detachable:
             self.broken |= broken
             for s in range(self.shards):
@@ -200,25 +214,28 @@ class ParameterClient:
             self.hint = hint
         return list(self.versions)
 
-    def _ready(self, pending: list[int]) -> list[int]:
-        """The shards of ``pending`` with something to read now (a reply, or their server
-        gone), waiting until there is one.
+    def _ready(self, owed: dict[int, set[str]]) -> list[tuple[int, Connection]]:
+        """The connections that owe a part of a reply and have something to read now (that
+        part, or their server gone), waiting until there is one.
 
-        Replies are read as they come, not in shard order: a worker blocked on one shard's
-        barrier would not notice that another shard's server died meanwhile, and the
-        barrier may be one that the other workers pass only after this worker redoes its
-        request on the restarted server (which, knowing no clocks, learns them from the
-        requests it gets).
+        Replies are read frame by frame as they come, not shard by shard: a worker blocked
+        on one shard's barrier would not notice that another shard's server died meanwhile,
+        and the barrier may be one that the other workers pass only after this worker
+        redoes its request on the restarted server (which, knowing no clocks, learns them
+        from the requests it gets). A push's acknowledgement comes before the barrier, so
+        a shard whose first frame arrived may still owe the rest.
         """
-        if len(pending) == 1:
-            return pending
-        poller, owner = select.poll(), {}
-        for s in pending:
-            for conn in (self.conns[s], self.pull_conns[s]):
-                owner[conn.fileno()] = s
-                poller.register(conn.fileno(), select.POLLIN)
-        ready = {owner[fd] for fd, _ in poller.poll()}
-        return [s for s in pending if s in ready]
+        waiting = {}
+        for s, parts in owed.items():
+            for conn in {id(c): c for c in (self.conns[s] if "ack" in parts else None,
+                                             self.pull_conns[s] if "params" in parts else None) if c}.values():
+                waiting[conn.fileno()] = (s, conn)
+        if len(waiting) == 1:
+            return list(waiting.values())
+        poller = select.poll()
+        for fd in waiting:
+            poller.register(fd, select.POLLIN)
+        return [waiting[fd] for fd, _ in poller.poll()]
 
     def _send(self, s: int, grads, targets, clock: int, wait: bool, pull_meta: dict | None) -> None:
         if grads is not None:
@@ -229,25 +246,43 @@ class ParameterClient:
             self.pull_conns[s].send(Frame(Kind.PULL, shard=s, worker=self.worker, seq=self.seq, clock=clock,
                                           flags=flags, meta=pull_meta))
 
+    @staticmethod
+    def _owed(grads, targets) -> set[str]:
+        """What a request's reply consists of: a push acknowledgement, parameters, or both."""
+        return {name for name, asked in (("ack", grads), ("params", targets)) if asked is not None}
+
     def _receive(self, s: int, grads, targets, hint: dict | None) -> dict | None:
-        params = None
-        if grads is not None:
-            shared = targets is not None and self.conns[s] is self.pull_conns[s]
-            ack = self._recv(s, Kind.PUSH_ACK, targets[s] if shared else None,
-                             also=Kind.PARAMS if shared else None)
-            if ack.kind == Kind.PARAMS:
-                params, ack = ack, self._recv(s, Kind.PUSH_ACK)
-            self.versions[s] = self.acked_versions[s] = ack.clock
-            hint = (ack.meta or {}).get("hint", hint)
-            self.bytes_pushed += grads[s].nbytes
-            if self._acked_seq[s] != self.seq:  # an ack of a resend is the same push's
-                self._acked_seq[s] = self.seq
-                self.pushes_acked += 1
-        if targets is not None:
-            params = params or self._recv(s, Kind.PARAMS, targets[s])
-            self.versions[s] = max(self.versions[s], params.clock)
-            self.bytes_pulled += targets[s].nbytes
+        """Shard ``s``'s whole reply, waiting for each part in turn."""
+        owed = self._owed(grads, targets)
+        while owed:
+            conn = self.conns[s] if "ack" in owed else self.pull_conns[s]
+            hint = self._take(s, conn, grads, targets, owed, hint)
         return hint
+
+    def _take(self, s: int, conn: Connection, grads, targets, owed: set[str], hint: dict | None) -> dict | None:
+        """Read one frame of shard ``s``'s reply from ``conn`` and strike what it answers
+        off ``owed``. On one connection for both, the parameters may come first (a chain's
+        head acknowledges a push only once the tail holds it, and may answer the pull before)."""
+        if conn is self.conns[s] and "ack" in owed:
+            either = "params" in owed and conn is self.pull_conns[s]
+            frame = self._recv(s, Kind.PUSH_ACK, targets[s] if either else None,
+                               also=Kind.PARAMS if either else None)
+        else:
+            frame = self._recv(s, Kind.PARAMS, targets[s])
+        if frame.kind == Kind.PARAMS:
+            owed.discard("params")
+            self.versions[s] = max(self.versions[s], frame.clock)
+            self.bytes_pulled += targets[s].nbytes
+            return hint
+        owed.discard("ack")
+        pulled = targets is not None and "params" not in owed
+        self.acked_versions[s] = frame.clock
+        self.versions[s] = max(self.versions[s], frame.clock) if pulled else frame.clock
+        self.bytes_pushed += grads[s].nbytes
+        if self._acked_seq[s] != self.seq:  # an ack of a resend is the same push's
+            self._acked_seq[s] = self.seq
+            self.pushes_acked += 1
+        return (frame.meta or {}).get("hint", hint)
 
     def _recover(self, s: int, grads, targets, clock: int, wait: bool, pull_meta: dict | None,
                  hint: dict | None) -> dict | None:
@@ -256,7 +291,26 @@ class ParameterClient:
         if self.resolve is None or self.reconnect_s <= 0:
             raise ServerUnavailable(f"lost the connection to shard {s} and reconnecting is off "
                                     f"(recovery strategy none)")
-        last_acked, found = self.acked_versions[s], None
+        last_acked, t0 = self.acked_versions[s], time.monotonic()
+
+        def redo() -> tuple[int | None, dict | None]:
+            found = None
+            if self.worker != NO_WORKER and targets is not None:
+                self.conns[s].send(Frame(Kind.INIT, shard=s, worker=self.worker), targets[s])
+                found = self._recv(s, Kind.PUSH_ACK).clock  # the version the shard resumed from
+            self._send(s, grads, targets, clock, wait, pull_meta)
+            return found, self._receive(s, grads, targets, hint)
+
+        attempts, (found, hint) = self._reach(s, failed, redo)
+        if self.on_event is not None:
+            self.on_event("reconnected", shard=s, attempts=attempts, waited_s=round(time.monotonic() - t0, 4),
+                          last_acked_version=last_acked, found_version=found, server_version=self.versions[s])
+        return hint
+
+    def _reach(self, s: int, failed: list[str], then: Callable[[], T]) -> tuple[int, T]:
+        """Find shard ``s``'s server (report ``failed``, read the map, dial) and run ``then``
+        on the new connection, retrying both with bounded exponential backoff within the
+        reconnect budget; returns (attempts, what ``then`` returned)."""
         t0 = time.monotonic()
         delay, attempts = BACKOFF_FIRST_S, 0
         while True:
@@ -264,12 +318,7 @@ class ParameterClient:
             try:
                 heads, tails = self.resolve(failed)
                 self._connect(s, heads[s], tails[s])
-                if self.worker != NO_WORKER and targets is not None:
-                    self.conns[s].send(Frame(Kind.INIT, shard=s, worker=self.worker), targets[s])
-                    found = self._recv(s, Kind.PUSH_ACK).clock  # the version the shard resumed from
-                self._send(s, grads, targets, clock, wait, pull_meta)
-                hint = self._receive(s, grads, targets, hint)
-                break
+                return attempts, then()
             except (ConnectionError, OSError):
                 if s < len(self.conns):
                     failed = self._disconnect(s)
@@ -278,10 +327,6 @@ class ParameterClient:
                                         f"({attempts} attempts)")
             time.sleep(delay)  # backoff between attempts to reach a restarting server
             delay = min(2 * delay, BACKOFF_MAX_S)
-        if self.on_event is not None:
-            self.on_event("reconnected", shard=s, attempts=attempts, waited_s=round(time.monotonic() - t0, 4),
-                          last_acked_version=last_acked, found_version=found, server_version=self.versions[s])
-        return hint
 
     # --- stateless servers: detach, reattach, flush --------------------------------------
     def detach(self, s: int) -> None:

@@ -52,10 +52,16 @@ def run_worker(spec, index: int) -> int:
             raise
 
     r = job.recovery
-    client = ParameterClient(control.shard_map(), spec.bounds, token, worker=index, tails=control.tails,
-                             transport=job.cluster.transport, resolve=resolve,
-                             reconnect_s=r.reconnect_s if r.strategy != "none" else 0.0, on_event=log.emit,
-                             detachable=r.strategy == "stateless")
+    try:
+        client = ParameterClient(control.shard_map(), spec.bounds, token, worker=index, tails=control.tails,
+                                 transport=job.cluster.transport, resolve=resolve,
+                                 reconnect_s=r.reconnect_s if r.strategy != "none" else 0.0, on_event=log.emit,
+                                 detachable=r.strategy == "stateless")
+    except JobStopping:  # the job ended while this worker was still finding its servers
+        log.emit("worker_stop", reason="job stopping", iterations=0)
+        control.close()
+        log.close()
+        return 0
     train_through = None
     if r.strategy == "stateless":
         # Alone on its copy, a worker steps as the servers would: the job's own rule.
