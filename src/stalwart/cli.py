@@ -64,7 +64,11 @@ def train(
     down: Optional[str] = typer.Option(None, help="restart killed roles after this long, e.g. 20s"),
     straggler: Optional[list[str]] = typer.Option(
         None, "--straggler", help="slow a worker: 3:2.0 | *:jitter=0.5 | 3:1.0@20s | 0:3.0@clock=500 (repeatable)"),
-    host: Optional[str] = typer.Option(None, help="address servers bind to (default loopback)"),
+    host: Optional[str] = typer.Option(
+        None, help="address servers bind to (default loopback; 0.0.0.0 on Ray: each node's own address)"),
+    launcher: Optional[str] = typer.Option(None, help="where roles run: local (processes here) | ray (Ray actors)"),
+    ray_address: Optional[str] = typer.Option(
+        None, help="ray: the cluster to join: auto | HOST:PORT | local (a private instance for this job)"),
     transport: Optional[str] = typer.Option(None, help="transport of pushes: tcp | ltp (loss-tolerant UDP)"),
     shm: Optional[bool] = typer.Option(None, "--shm/--no-shm",
                                        help="tcp: shared memory between a worker and a server on one host (default on)"),
@@ -83,6 +87,7 @@ def train(
 
     overrides = {
         "cluster.workers": workers, "cluster.servers": servers, "cluster.host": host,
+        "cluster.launcher": launcher, "cluster.ray_address": ray_address,
         "cluster.transport": transport, "cluster.shm": shm, "sync.policy": sync, "data.dataset": dataset,
         "data.data_dir": str(data_dir) if data_dir else None, "data.samples": samples,
         "data.batch_size": batch_size, "model.name": model, "optimizer.name": optimizer,

@@ -33,7 +33,13 @@ class ClusterConfig(_Section):
     # TCP between a worker and a server on one host moves large payloads through shared
     # memory (both ends detect it); false keeps every byte on the socket.
     shm: bool = True
-    launcher: Literal["local"] = "local"
+    # Where the roles run: processes on this host, or Ray actors across a Ray cluster.
+    launcher: Literal["local", "ray"] = "local"
+    # The Ray cluster: "auto" (the one this host belongs to), "HOST:PORT", or "local" (a
+    # private instance started for this job and stopped after it).
+    ray_address: str = "auto"
+    # CPUs Ray reserves for each role's actor (a hint for placement, not a limit).
+    ray_cpus_per_role: float = Field(0.1, gt=0, le=64)
     heartbeat_s: float = Field(0.2, gt=0, le=10)
     lease_s: float = Field(2.0, gt=0, le=120)
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import signal
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
+
+from .spec import RoleSpec
 
 RoleKey = tuple[str, int]  # ("server", 0)
 
@@ -30,9 +34,25 @@ class Exit:
 
 
 class Launcher(ABC):
+    """Where role processes run, and the one who starts, signals and reaps them.
+
+    The order of use: :meth:`bind_coordinator` (its listening socket is bound where the
+    coordinator will run, so the address is known before any process exists), then
+    :meth:`use_spec` with the spec that names that address, then :meth:`start` for each
+    role; :meth:`shutdown` ends it all, whatever happened.
+    """
+
     @abstractmethod
-    def start(self, role: str, index: int, pass_fds: tuple[int, ...] = ()) -> int:
-        """Start a role process; returns its pid."""
+    def bind_coordinator(self, host: str) -> str:
+        """Bind the coordinator's listening socket where it will run; returns ``host:port``."""
+
+    @abstractmethod
+    def use_spec(self, spec: RoleSpec, path: Path) -> None:
+        """The spec every role is started with (saved at ``path`` on this host)."""
+
+    @abstractmethod
+    def start(self, role: str, index: int) -> int:
+        """Start a role process (again, after a kill); returns its pid."""
 
     @abstractmethod
     def wait(self, timeout_s: float) -> list[Exit]:
@@ -44,6 +64,28 @@ class Launcher(ABC):
     @abstractmethod
     def kill(self, role: str, index: int, sig: int = signal.SIGKILL) -> None: ...
 
-    @abstractmethod
+    def wait_for(self, keys: set[RoleKey], timeout_s: float) -> list[Exit]:
+        """Wait until all of ``keys`` have exited or the timeout passes."""
+        deadline = time.monotonic() + timeout_s
+        exits: list[Exit] = []
+        while keys & set(self.running()) and (left := deadline - time.monotonic()) > 0:
+            exits += self.wait(left)
+        return exits
+
     def shutdown(self, grace_s: float = 5.0) -> list[Exit]:
         """Ask every remaining role to stop (SIGTERM), then SIGKILL what is left."""
+        for key in self.running():
+            self.kill(*key, sig=signal.SIGTERM)
+        exits = self.wait_for(set(self.running()), grace_s)
+        for key in self.running():
+            self.kill(*key, sig=signal.SIGKILL)
+        exits += self.wait_for(set(self.running()), 5.0)
+        self.release()
+        return exits
+
+    def describe(self) -> dict:
+        """Which launcher, and where it put the roles (for the run's event log)."""
+        return {"launcher": "local"}
+
+    def release(self) -> None:
+        """Give back what the launcher holds besides processes (a Ray connection, say)."""

@@ -7,7 +7,6 @@ the tests, so that each of them runs the very processes a real job runs.
 from __future__ import annotations
 
 import secrets
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,18 +14,33 @@ from typing import Callable
 
 from ..config import JobConfig
 from ..control import CoordinatorClient, CoordinatorError
-from .base import Exit
+from .base import Exit, Launcher
 from .local import LocalLauncher
-from .spec import LISTEN_FD_ENV, TOKEN_ENV, RoleSpec
+from .spec import TOKEN_ENV, RoleSpec
 
 
 class ClusterError(RuntimeError):
     """A role failed while the cluster was starting or running."""
 
 
+def make_launcher(config: JobConfig, run_dir: Path, env: dict[str, str],
+                  placement: dict[str, dict] | None = None) -> Launcher:
+    """The launcher ``cluster.launcher`` names."""
+    if config.cluster.launcher == "ray":
+        if placement:
+            raise ClusterError("netlab places roles in network namespaces of this host: it runs with the "
+                               "local launcher, not Ray")
+        from .ray import RayLaunchError, RayLauncher
+        try:
+            return RayLauncher(run_dir, env, config)
+        except RayLaunchError as exc:
+            raise ClusterError(str(exc)) from None
+    return LocalLauncher(run_dir, env, placement)
+
+
 @dataclass
 class Cluster:
-    launcher: LocalLauncher
+    launcher: Launcher
     spec: RoleSpec
     token: bytes
 
@@ -34,24 +48,22 @@ class Cluster:
     def start(cls, config: JobConfig, run_dir: Path, bounds: list[int],
               input_shape: tuple[int, ...] = (1,), num_classes: int = 10,
               placement: dict[str, dict] | None = None) -> "Cluster":
-        """Coordinator first (on a socket bound here, so its address is known), then servers."""
+        """Coordinator first (its socket bound before it starts, so its address is known), then servers."""
         token = secrets.token_bytes(32)
-        listen = socket.create_server((config.cluster.host, 0))
-        host, port = listen.getsockname()[:2]
-        spec = RoleSpec(config=config.model_dump(mode="json"), run_dir=str(Path(run_dir).resolve()),
-                        coordinator=f"{host}:{port}", bounds=list(bounds),
-                        input_shape=list(input_shape), num_classes=num_classes, placement=placement or {})
-        spec_path = Path(run_dir) / "spec.json"
-        spec.save(spec_path)
-        launcher = LocalLauncher(spec_path, Path(run_dir),
-                                 {TOKEN_ENV: token.hex(), LISTEN_FD_ENV: str(listen.fileno())}, spec.placement)
+        launcher = make_launcher(config, Path(run_dir), {TOKEN_ENV: token.hex()}, placement)
         try:
-            listen.set_inheritable(True)
-            launcher.start("coordinator", 0, pass_fds=(listen.fileno(),))
-        finally:
-            listen.close()
-        for s in range(config.cluster.servers * config.recovery.replicas_per_shard):
-            launcher.start("server", s)
+            spec = RoleSpec(config=config.model_dump(mode="json"), run_dir=str(Path(run_dir).resolve()),
+                            coordinator=launcher.bind_coordinator(config.cluster.host), bounds=list(bounds),
+                            input_shape=list(input_shape), num_classes=num_classes, placement=placement or {})
+            spec_path = Path(run_dir) / "spec.json"
+            spec.save(spec_path)
+            launcher.use_spec(spec, spec_path)
+            launcher.start("coordinator", 0)
+            for s in range(config.cluster.servers * config.recovery.replicas_per_shard):
+                launcher.start("server", s)
+        except BaseException:
+            launcher.shutdown(grace_s=1.0)
+            raise
         return cls(launcher, spec, token)
 
     def connect(self, role: str, check: Callable[[list[Exit]], None] | None = None,

@@ -117,15 +117,18 @@ class Job:
         (run_dir / "layout.json").write_text(json.dumps(
             {"total": layout.total, "bounds": bounds, "entries": layout.to_json()}, indent=1))
 
-        cluster = Cluster.start(c, run_dir, bounds, ds.input_shape, ds.num_classes, self.placement)
-        launcher = cluster.launcher
         progress = Progress(enabled=c.progress, target=c.train.target_accuracy)
-        status, error = "completed", None
+        status, error, launcher = "completed", None, None
         try:
+            try:
+                cluster = Cluster.start(c, run_dir, bounds, ds.input_shape, ds.num_classes, self.placement)
+            except ClusterError as exc:
+                raise JobFailed(f"the cluster did not start: {exc}") from None
+            launcher = cluster.launcher
             for w in range(c.cluster.workers):
                 launcher.start("worker", w)
             log.emit("launched", servers=c.cluster.servers, workers=c.cluster.workers,
-                     parameters=layout.total, bounds=bounds)
+                     parameters=layout.total, bounds=bounds, **launcher.describe())
             with progress:
                 status = self._drive(cluster, model, ds, log, progress)
         except KeyboardInterrupt:
@@ -133,7 +136,7 @@ class Job:
         except JobFailed as exc:
             status, error = "failed", str(exc)
         finally:
-            for e in launcher.shutdown(grace_s=5.0):
+            for e in launcher.shutdown(grace_s=5.0) if launcher is not None else ():
                 _log_exit(log, e)
             log.emit("job_end", status=status, error=error)
             log.close()

@@ -13,13 +13,13 @@ import ctypes
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from .base import Exit, Launcher, RoleKey
-from .spec import HOST_ENV
+from .spec import HOST_ENV, LISTEN_FD_ENV, RoleSpec
 
 _PR_SET_PDEATHSIG = 1
 
@@ -32,20 +32,34 @@ def _die_with_parent() -> None:
 
 
 class LocalLauncher(Launcher):
-    def __init__(self, spec_path: Path, run_dir: Path, env: dict[str, str],
-                 placement: dict[str, dict] | None = None):
-        self.spec_path, self.run_dir = spec_path, run_dir
+    def __init__(self, run_dir: Path, env: dict[str, str], placement: dict[str, dict] | None = None):
+        self.run_dir = run_dir
+        self.spec_path: Path | None = None
         self.env = {**os.environ, **env}
         self.placement = placement or {}
         self.procs: dict[RoleKey, subprocess.Popen] = {}
         self._pidfds: dict[int, RoleKey] = {}
         self._poll = select.poll()
+        self._coordinator_socket: socket.socket | None = None
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
 
-    def start(self, role: str, index: int, pass_fds: tuple[int, ...] = ()) -> int:
+    def bind_coordinator(self, host: str) -> str:
+        self._coordinator_socket = socket.create_server((host, 0))
+        host, port = self._coordinator_socket.getsockname()[:2]
+        return f"{host}:{port}"
+
+    def use_spec(self, spec: RoleSpec, path: Path) -> None:
+        self.spec_path = path
+
+    def start(self, role: str, index: int) -> int:
+        if self.spec_path is None:
+            raise RuntimeError("use_spec() comes before start()")
         out = open(self.run_dir / "logs" / f"{role}-{index}.log", "ab")
         argv = [sys.executable, "-m", "stalwart.launch.role", role, str(index), str(self.spec_path)]
-        env = self.env
+        env, pass_fds = self.env, ()
+        if role == "coordinator" and (listen := self._coordinator_socket) is not None:
+            listen.set_inheritable(True)
+            env, pass_fds = {**env, LISTEN_FD_ENV: str(listen.fileno())}, (listen.fileno(),)
         if (place := self.placement.get(f"{role}:{index}")) is not None:
             # A host of its own (a netlab namespace): `ip netns exec` execs in place, so the
             # pid, the pidfd and the death signal are the role's own.
@@ -55,6 +69,9 @@ class LocalLauncher(Launcher):
             argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             pass_fds=pass_fds, start_new_session=True, preexec_fn=_die_with_parent)
         out.close()
+        if pass_fds:
+            self._coordinator_socket.close()  # the coordinator holds it now
+            self._coordinator_socket = None
         self.procs[(role, index)] = proc
         fd = os.pidfd_open(proc.pid)
         self._pidfds[fd] = (role, index)
@@ -90,18 +107,7 @@ class LocalLauncher(Launcher):
             except ProcessLookupError:
                 pass
 
-    def wait_for(self, keys: set[RoleKey], timeout_s: float) -> list[Exit]:
-        """Wait until all of ``keys`` have exited or the timeout passes."""
-        deadline = time.monotonic() + timeout_s
-        exits: list[Exit] = []
-        while keys & set(self.procs) and (left := deadline - time.monotonic()) > 0:
-            exits += self.wait(left)
-        return exits
-
-    def shutdown(self, grace_s: float = 5.0) -> list[Exit]:
-        for key in list(self.procs):
-            self.kill(*key, sig=signal.SIGTERM)
-        exits = self.wait_for(set(self.procs), grace_s)
-        for key in list(self.procs):
-            self.kill(*key, sig=signal.SIGKILL)
-        return exits + self.wait_for(set(self.procs), 5.0)
+    def release(self) -> None:
+        if self._coordinator_socket is not None:
+            self._coordinator_socket.close()
+            self._coordinator_socket = None
