@@ -47,3 +47,18 @@ def test_state_round_trips():
 def test_unknown_optimizer_is_named():
     with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
         build_optimizer("lamb", 10, lr=0.1)
+
+
+def test_axpy_updates_in_place_and_falls_back_where_blas_cannot():
+    from stalwart.server.optim import axpy
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(64).astype(np.float32)
+    y = rng.standard_normal(64).astype(np.float32)
+    expected = y + np.float32(-0.25) * x
+    target = y
+    axpy(-0.25, x, y)
+    assert y is target and np.allclose(y, expected, rtol=1e-6, atol=1e-7)
+    strided = rng.standard_normal(128).astype(np.float32)[::2]  # not contiguous: BLAS would copy
+    expected = strided + np.float32(0.5) * x
+    axpy(0.5, x, strided)
+    assert np.allclose(strided, expected, rtol=1e-6, atol=1e-7)

@@ -12,6 +12,17 @@ import math
 from abc import ABC, abstractmethod
 
 import numpy as np
+from scipy.linalg.blas import saxpy
+
+
+def axpy(alpha: float, x: np.ndarray, y: np.ndarray) -> None:
+    """``y += alpha * x`` in place, in one pass over memory (BLAS) where it can: a shard of
+    100M parameters is 400 MB, and NumPy's two passes (a scaled temporary, then the add)
+    cost a server about as much time as receiving the gradient."""
+    if y.dtype == x.dtype == np.float32 and y.flags.c_contiguous and x.flags.c_contiguous:
+        saxpy(x, y, a=alpha)  # in place for a contiguous float32 y
+    else:
+        y += np.float32(alpha) * x
 
 
 class ServerOptimizer(ABC):
@@ -46,7 +57,6 @@ class SGD(ServerOptimizer):
             raise ValueError("nesterov momentum requires momentum > 0")
         self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay
         self.buf = np.zeros(size, dtype=np.float32) if momentum else None
-        self._update = np.empty(size, dtype=np.float32)
 
     def step(self, params: np.ndarray, grad: np.ndarray, lr_scale: float = 1.0) -> None:
         d_p = self._with_weight_decay(params, grad, self.weight_decay)
@@ -59,14 +69,11 @@ class SGD(ServerOptimizer):
             if self.nesterov:
                 if d_p is not self._scratch:
                     np.copyto(self._scratch, d_p)
-                self._scratch += np.float32(self.momentum) * self.buf
+                axpy(self.momentum, self.buf, self._scratch)
                 d_p = self._scratch
             else:
                 d_p = self.buf
-        # Scale into the spare buffer (d_p is buf or _scratch): no allocation per step.
-        update = self._update if d_p is self._scratch else self._scratch
-        np.multiply(d_p, np.float32(self.lr * lr_scale), out=update)
-        params -= update
+        axpy(-self.lr * lr_scale, d_p, params)
         self.steps += 1
 
     def state_dict(self) -> dict:
