@@ -50,7 +50,7 @@ def test_unknown_optimizer_is_named():
 
 
 def test_axpy_updates_in_place_and_falls_back_where_blas_cannot():
-    from stalwart.server.optim import axpy
+    from stalwart.server.vector import axpy
     rng = np.random.default_rng(1)
     x = rng.standard_normal(64).astype(np.float32)
     y = rng.standard_normal(64).astype(np.float32)
@@ -62,3 +62,14 @@ def test_axpy_updates_in_place_and_falls_back_where_blas_cannot():
     expected = strided + np.float32(0.5) * x
     axpy(0.5, x, strided)
     assert np.allclose(strided, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_all_finite_finds_one_bad_value_and_clears_huge_finite_ones(bad):
+    from stalwart.server.vector import all_finite
+    values = np.random.default_rng(2).standard_normal(10_000).astype(np.float32)
+    assert all_finite(values)
+    values[7777] = bad
+    assert not all_finite(values)
+    huge = np.full(8, 3e38, dtype=np.float32)  # their float32 sum overflows; each is finite
+    assert all_finite(huge) and not all_finite(np.append(huge, np.float32(bad)))

@@ -12,17 +12,8 @@ import math
 from abc import ABC, abstractmethod
 
 import numpy as np
-from scipy.linalg.blas import saxpy
 
-
-def axpy(alpha: float, x: np.ndarray, y: np.ndarray) -> None:
-    """``y += alpha * x`` in place, in one pass over memory (BLAS) where it can: a shard of
-    100M parameters is 400 MB, and NumPy's two passes (a scaled temporary, then the add)
-    cost a server about as much time as receiving the gradient."""
-    if y.dtype == x.dtype == np.float32 and y.flags.c_contiguous and x.flags.c_contiguous:
-        saxpy(x, y, a=alpha)  # in place for a contiguous float32 y
-    else:
-        y += np.float32(alpha) * x
+from .vector import axpy
 
 
 class ServerOptimizer(ABC):

@@ -27,6 +27,7 @@ from ..transport import NO_WORKER, Flag, Frame, Kind, ProtocolError
 from ..transport.base import Listener
 from ..transport.service import FrameService, Session
 from .optim import ServerOptimizer
+from .vector import all_finite
 
 from ..recovery.chain import install_state
 from ..recovery.stateless import RebuildWindow, flush_scale
@@ -152,9 +153,7 @@ class ParameterServer(FrameService):
             raise ProtocolError(f"{frame.kind.name} carries {frame.payload_len} bytes; "
                                 f"shard {self.shard} holds {self.nbytes}")
         values = np.frombuffer(frame.payload, dtype=np.float32)
-        # One float64 pass: the sum of finite float32 values cannot overflow float64,
-        # so a non-finite sum means a NaN or an infinity somewhere in the payload.
-        if not np.isfinite(values.sum(dtype=np.float64)):
+        if not all_finite(values):
             raise _Rejected(f"{frame.kind.name} from worker {frame.worker} holds NaN or infinite "
                             f"values; refused so that the shard stays intact")
         return values
