@@ -167,8 +167,11 @@ class RayLauncher(Launcher):
     def _host(self, role: str, index: int):
         key = (role, index)
         if key not in self.hosts:
+            # A threaded actor: wait_exit blocks while kill must get through. PDEATHSIG
+            # follows the thread that started the role; Ray keeps an actor's threads for
+            # its life (the tests' roles outlive the call that started them by far).
             actor = self._actor_class.options(
-                num_cpus=self.cpus, max_concurrency=4,  # wait_exit blocks while kill must get through
+                num_cpus=self.cpus, max_concurrency=4,
                 scheduling_strategy=self._strategy(role, index),
             ).remote(str(self.run_dir), self.env, self.host)
             self.nodes[key] = self._call(actor.where, what=f"placing {role} {index}")[0]
