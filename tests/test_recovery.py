@@ -114,9 +114,12 @@ def chain_job(run_root, kills, replicas=3, mode="strong", every=200, duration=9.
 
 
 def test_strong_chain_loses_no_acknowledged_update_when_head_middle_and_tail_die(run_root):
-    summary = Job(chain_job(run_root, ["head:0@2s", "middle:0@4.5s", "tail:0@7s"])).run()
+    # 3 s between kills: a restarted replica must be back in the chain (process start-up,
+    # state transfer) for the next position to exist, on 2 cores shared with the job.
+    rules = ["head:0@2s", "middle:0@5s", "tail:0@8s"]
+    summary = Job(chain_job(run_root, rules, duration=10.5)).run()
     assert summary["status"] == "completed" and summary["recovery"] == "chain/strong"
-    assert [k["rule"] for k in summary["kills"]] == ["head:0@2s", "middle:0@4.5s", "tail:0@7s"]
+    assert [k["rule"] for k in summary["kills"]] == rules
     for kill in summary["kills"]:
         assert kill["recovered_s"] is not None and kill["recovered_s"] < 1.0, kill  # failover
         assert kill["lost_updates"] in (0, None) and kill["restarted_at_s"] is not None

@@ -6,8 +6,17 @@ size of it, costs a server about as much as receiving the gradient did.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
-from scipy.linalg.blas import sasum, saxpy
+
+
+@functools.cache
+def _blas():
+    """scipy's BLAS, imported at first use: the import costs a third of a second, which a
+    restarting server should not spend before it can rejoin its job."""
+    from scipy.linalg import blas
+    return blas
 
 
 def _blas_ready(*arrays: np.ndarray) -> bool:
@@ -17,7 +26,7 @@ def _blas_ready(*arrays: np.ndarray) -> bool:
 def axpy(alpha: float, x: np.ndarray, y: np.ndarray) -> None:
     """``y += alpha * x`` in place, in one pass."""
     if _blas_ready(x, y):
-        saxpy(x, y, a=alpha)  # in place for a contiguous float32 y
+        _blas().saxpy(x, y, a=alpha)  # in place for a contiguous float32 y
     else:
         y += np.float32(alpha) * x
 
@@ -29,6 +38,6 @@ def all_finite(values: np.ndarray) -> bool:
     float32 for finite values near its limit, which the exact check (a float64 sum,
     which finite float32 values cannot overflow) then clears.
     """
-    if _blas_ready(values) and np.isfinite(sasum(values)):
+    if _blas_ready(values) and np.isfinite(_blas().sasum(values)):
         return True
     return bool(np.isfinite(values.sum(dtype=np.float64)))
