@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import select
 import time
+from typing import Callable, TypeVar
 
 import numpy as np
-from typing import Callable, TypeVar
 
 from ..transport import NO_WORKER, Connection, Flag, Frame, Kind, ProtocolError, dial
 
@@ -184,7 +184,7 @@ class ParameterClient:
                 broken.add(s)
         hint = None
         owed = {s: self._owed(grads, targets) for s in pending}
-        while owed:
+        while owed or (broken and not self.detachable):
             if broken and not self.detachable:
                 # Redo a lost shard's request before waiting on the others: their replies
                 # may wait on a barrier that other workers reach only once the restarted
@@ -192,6 +192,7 @@ class ParameterClient:
                 for s in sorted(broken):
                     hint = self._recover(s, grads, targets, clock, wait, pull_meta, hint)
                 broken.clear()
+                continue
             for s, conn in self._ready(owed):
                 if s not in owed:
                     continue  # broke on its other connection just now
@@ -203,13 +204,10 @@ class ParameterClient:
                     continue
                 if not owed[s]:
                     del owed[s]
-        if broken and self.detachable:
+        if broken:  # only a detachable client gets here with shards broken
             self.broken |= broken
             for s in range(self.shards):
                 self.detach(s)
-        for s in sorted(broken):
-            if not self.detachable:
-                hint = self._recover(s, grads, targets, clock, wait, pull_meta, hint)
         if grads is not None:
             self.hint = hint
         return list(self.versions)
@@ -225,11 +223,12 @@ class ParameterClient:
         from the requests it gets). A push's acknowledgement comes before the barrier, so
         a shard whose first frame arrived may still owe the rest.
         """
-        waiting = {}
+        waiting = {}  # by descriptor: a connection that owes both parts is waited on once
         for s, parts in owed.items():
-            for conn in {id(c): c for c in (self.conns[s] if "ack" in parts else None,
-                                             self.pull_conns[s] if "params" in parts else None) if c}.values():
-                waiting[conn.fileno()] = (s, conn)
+            if "ack" in parts:
+                waiting[self.conns[s].fileno()] = (s, self.conns[s])
+            if "params" in parts:
+                waiting[self.pull_conns[s].fileno()] = (s, self.pull_conns[s])
         if len(waiting) == 1:
             return list(waiting.values())
         poller = select.poll()
