@@ -68,27 +68,23 @@ class RoleHost:
     def __init__(self, run_dir: str, env: dict[str, str], host: str):
         import ray
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.node_ip = ray.util.get_node_ip_address()
-        self.host = self.node_ip if host in WILDCARD_HOSTS else host
+        self.host = ray.util.get_node_ip_address() if host in WILDCARD_HOSTS else host
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.local = LocalLauncher(self.run_dir, {**env, HOST_ENV: self.host})
         self.key: RoleKey | None = None
 
-    def where(self) -> tuple[str, str, str]:
-        """(node id, node address, the address this role binds to)."""
-        return self.node_id, self.node_ip, self.host
+    def node(self) -> str:
+        return self.node_id
 
     def bind_coordinator(self) -> str:
         return self.local.bind_coordinator(self.host)
 
-    def use_spec(self, spec: dict) -> None:
-        path = self.run_dir / "spec.json"
+    def start(self, role: str, index: int, spec: dict) -> int:
+        role_spec, path = RoleSpec(**spec), self.run_dir / "spec.json"
         if not path.exists():  # another node's copy; on the driver's node it is already there
-            RoleSpec(**spec).save(path)
-        self.local.use_spec(RoleSpec(**spec), path)
-
-    def start(self, role: str, index: int) -> int:
+            role_spec.save(path)
+        self.local.use_spec(role_spec, path)
         self.key = (role, index)
         return self.local.start(role, index)
 
@@ -174,7 +170,7 @@ class RayLauncher(Launcher):
                 num_cpus=self.cpus, max_concurrency=4,
                 scheduling_strategy=self._strategy(role, index),
             ).remote(str(self.run_dir), self.env, self.host)
-            self.nodes[key] = self._call(actor.where, what=f"placing {role} {index}")[0]
+            self.nodes[key] = self._call(actor.node, what=f"placing {role} {index}")
             self.hosts[key] = actor
         return self.hosts[key]
 
@@ -198,8 +194,7 @@ class RayLauncher(Launcher):
 
     def start(self, role: str, index: int) -> int:
         actor = self._host(role, index)
-        self._call(actor.use_spec, self.spec, what=f"handing {role} {index} its spec")
-        pid = self._call(actor.start, role, index, what=f"starting {role} {index}")
+        pid = self._call(actor.start, role, index, self.spec, what=f"starting {role} {index}")
         self.exits[actor.wait_exit.remote()] = (role, index)
         return pid
 
