@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from stalwart.config import ConfigError, JobConfig, LtpConfig, OptimizerConfig
 from stalwart.metrics import EventLog
-from stalwart.server.optim import optimizer_from_config
+from stalwart.optim import optimizer_from_config
 from stalwart.server.server import ParameterServer
+from stalwart.shard import ShardState
 from stalwart.sync import parse_policy
 from stalwart.transport import get_transport
 from stalwart.transport.ltp import hadamard
@@ -260,12 +261,12 @@ SIZE = 50_000
 def ltp_server(request):
     options = LtpConfig(**getattr(request, "param", {}))
     token = b"k" * 32
-    server = ParameterServer(get_transport("ltp", options).listen("127.0.0.1"), token, EventLog(None, "server"),
-                             shard=0, size=SIZE,
-                             optimizer=optimizer_from_config(OptimizerConfig(name="sgd", lr=1.0, momentum=0.0), SIZE),
-                             policy=parse_policy("asp")(1, SIZE), workers=1).start()
+    log = EventLog(None, "server")
+    shard = ShardState(0, SIZE, optimizer_from_config(OptimizerConfig(name="sgd", lr=1.0, momentum=0.0), SIZE),
+                       parse_policy("asp")(1, SIZE), 1, log)
+    server = ParameterServer(get_transport("ltp", options).listen("127.0.0.1"), token, log, shard).start()
     yield server, token
-    server.stop_waiting()
+    server.shard.stop_waiting()
     server.close()
 
 

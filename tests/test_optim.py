@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from stalwart.server.optim import build_optimizer
+from stalwart.optim import build_optimizer
 
 
 @pytest.mark.parametrize("name, hyper", [
@@ -50,7 +50,7 @@ def test_unknown_optimizer_is_named():
 
 
 def test_axpy_updates_in_place_and_falls_back_where_blas_cannot():
-    from stalwart.server.vector import axpy
+    from stalwart.optim import axpy
     rng = np.random.default_rng(1)
     x = rng.standard_normal(64).astype(np.float32)
     y = rng.standard_normal(64).astype(np.float32)
@@ -66,7 +66,7 @@ def test_axpy_updates_in_place_and_falls_back_where_blas_cannot():
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_all_finite_finds_one_bad_value_and_clears_huge_finite_ones(bad):
-    from stalwart.server.vector import all_finite
+    from stalwart.optim import all_finite
     values = np.random.default_rng(2).standard_normal(10_000).astype(np.float32)
     assert all_finite(values)
     values[7777] = bad

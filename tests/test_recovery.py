@@ -7,6 +7,7 @@ from stalwart.config import JobConfig
 from stalwart.launch import Job, JobFailed
 from stalwart.launch.cluster import Cluster
 from stalwart.metrics import EventLog
+from stalwart.shard import Snapshot
 from stalwart.recovery import Checkpointer
 from stalwart.worker.client import ParameterClient
 
@@ -76,9 +77,11 @@ def test_a_restarted_server_skips_a_corrupted_newest_checkpoint(tmp_path):
     folder = tmp_path / "ckpt"
     log = EventLog.for_role(tmp_path / "prep", "test", 0)
     ck = Checkpointer(folder, 0, log, every_updates=1, every_s=None, keep=5)
-    ck.snapshot(10, {"params": np.full(size, 1.5, np.float32), "opt.buf": np.zeros(size, np.float32)}, {"steps": 10})
-    assert ck.flush()
-    ck.snapshot(20, {"params": np.full(size, 2.5, np.float32), "opt.buf": np.zeros(size, np.float32)}, {"steps": 20})
+    for version, value in [(10, 1.5), (20, 2.5)]:
+        ck.snapshot(Snapshot(0, version, True, {"params": np.full(size, value, np.float32),
+                                                "opt.buf": np.zeros(size, np.float32)},
+                             {"optimizer": {"steps": version}}))
+        assert ck.flush()
     ck.close()
     newest = ck.files()[0]
     data = bytearray(newest.read_bytes())

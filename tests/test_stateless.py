@@ -10,12 +10,14 @@ from hypothesis import strategies as st
 from stalwart.config import ConfigError, JobConfig
 from stalwart.launch import Job
 from stalwart.metrics import EventLog
-from stalwart.recovery.stateless import Backlog, RebuildWindow, TrainThrough, flush_scale
-from stalwart.server.optim import build_optimizer
+from stalwart.recovery.stateless import RebuildWindow, StatelessRecovery, flush_scale
+from stalwart.optim import build_optimizer
 from stalwart.server.server import ParameterServer
+from stalwart.shard import ShardState
 from stalwart.sync import parse_policy
 from stalwart.transport import Frame, Kind, TcpTransport, dial
 from stalwart.worker.client import ServerUnavailable
+from stalwart.worker.trainthrough import Backlog, TrainThrough
 
 from helpers import events
 
@@ -162,16 +164,17 @@ def test_config_refuses_stateless_snapshots_without_a_trigger():
 
 
 # --- a stateless server in this process: rebuild from offers, flush, bad input --------------
+def in_process_server(recovery=None):
+    log = EventLog(None, "server")
+    shard = ShardState(0, SIZE, make_sgd(SIZE), parse_policy("asp")(2, SIZE), 2, log)
+    return ParameterServer(TcpTransport().listen("127.0.0.1"), b"t" * 32, log, shard, recovery).start()
+
+
 @pytest.fixture
-def stateless_server(tmp_path):
-    token = b"t" * 32
-    server = ParameterServer(TcpTransport().listen("127.0.0.1"), token, EventLog(None, "server"), shard=0,
-                             size=SIZE, optimizer=make_sgd(SIZE), policy=parse_policy("asp")(2, SIZE),
-                             workers=2)
-    server.attach_stateless(RebuildWindow(workers=2, window_s=5.0), "mean", 1.0)
-    server.start()
-    yield server, token
-    server.stop_waiting()
+def stateless_server():
+    server = in_process_server(StatelessRecovery(RebuildWindow(workers=2, window_s=5.0), "mean", 1.0))
+    yield server, server.token
+    server.shard.stop_waiting()
     server.close()
 
 
@@ -194,14 +197,14 @@ def test_a_fresh_server_rebuilds_from_the_freshest_copy_then_applies_flushes(sta
     reader.join(10)
     assert replies["a"].clock == replies["b"].clock == 42                    # both told the version
     assert replies["a"].meta["resume_clock"] == replies["b"].meta["resume_clock"] == 102
-    assert server.version == 42 and np.all(server.params == 4.0)
+    assert server.shard.version == 42 and np.all(server.shard.params == 4.0)
 
     conns[0].send(Frame(Kind.FLUSH, worker=0, meta={"count": 5, "base_version": 30}),
                   memoryview(np.full(SIZE, 2.0, np.float32)).cast("B"))
     ack = conns[0].recv()
     assert ack.kind == Kind.PUSH_ACK and ack.clock == 43
     assert ack.meta == {"staleness": 12, "scale": 0.5}
-    np.testing.assert_allclose(server.params, 4.0 + 0.5 * 2.0)              # mean over 2 workers
+    np.testing.assert_allclose(server.shard.params, 4.0 + 0.5 * 2.0)              # mean over 2 workers
 
     # malformed flushes are refused by name; the shard is untouched and the server serves on
     for meta, payload, reason in [
@@ -210,20 +213,23 @@ def test_a_fresh_server_rebuilds_from_the_freshest_copy_then_applies_flushes(sta
     ]:
         conns[1].send(Frame(Kind.FLUSH, worker=1, meta=meta), memoryview(payload).cast("B"))
         assert reason in conns[1].recv().meta["reason"]
-    np.testing.assert_allclose(server.params, 5.0)
-    assert server.version == 43
+    np.testing.assert_allclose(server.shard.params, 5.0)
+    assert server.shard.version == 43
     for c in conns:
         c.close()
 
 
-def test_a_flush_to_a_server_that_is_not_stateless_is_refused(stateless_server):
-    server, token = stateless_server
-    server.rebuild = None
-    conn = dial(server.address, token, max_payload=SIZE * 4)
+def test_a_flush_to_a_server_that_is_not_stateless_is_refused():
+    server = in_process_server()
+    conn = dial(server.address, server.token, max_payload=SIZE * 4)
     conn.send(Frame(Kind.FLUSH, worker=0, meta={"count": 1, "base_version": 0}),
               memoryview(np.ones(SIZE, np.float32)).cast("B"))
     assert "needs stateless recovery" in conn.recv().meta["reason"]
+    # refused, not dropped: the connection still serves
+    conn.send(Frame(Kind.PULL))
+    assert "holds no parameters yet" in conn.recv().meta["reason"]  # an observer, before any INIT
     conn.close()
+    server.close()
 
 
 # --- a real SIGKILL ---------------------------------------------------------------------------

@@ -13,6 +13,10 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from .recovery.chain import ChainMode
+from .recovery.stateless import FlushRule
+from .transport.ltp.config import LtpConfig
+
 
 def _one_of(value: str, known, what: str) -> str:
     if value not in known:
@@ -157,7 +161,7 @@ class RecoveryConfig(_Section):
     # workers train through the outage and rebuild the server (stalwart.recovery.stateless).
     strategy: Literal["none", "checkpoint", "chain", "stateless"] = "none"
     replicas: int = Field(2, ge=1, le=16, description="chain: servers per shard")
-    mode: Literal["strong", "relaxed"] = Field("strong", description="chain: ack at the tail, or send state every every_updates")
+    mode: ChainMode = Field(ChainMode.STRONG, description="chain: ack at the tail, or send state every every_updates")
     every_updates: int | None = Field(200, ge=1, description="snapshot (or relaxed chain state) after this many updates")
     every_s: float | None = Field(None, gt=0, description="...or after this many seconds")
     keep: int = Field(3, ge=1, le=100, description="checkpoint files kept per shard")
@@ -166,8 +170,8 @@ class RecoveryConfig(_Section):
     backlog_max: int = Field(1000, ge=1, description="stateless: local steps a worker may owe a shard")
     when_full: Literal["wait", "drop"] = Field(
         "wait", description="stateless, backlog full: wait for the server, or train on without owing more")
-    flush_rule: Literal["sum", "mean", "staleness", "clip"] = Field(
-        "mean", description="stateless: how a backlog is applied (see stalwart.recovery.stateless.flush_scale)")
+    flush_rule: FlushRule = Field(
+        FlushRule.MEAN, description="stateless: how a backlog is applied (see stalwart.recovery.stateless.flush_scale)")
     flush_clip: float = Field(1.0, gt=0, description="stateless, clip rule: largest L2 norm of a flushed change")
     rebuild_window_s: float = Field(1.0, gt=0, le=60, description="stateless: how long a fresh server collects copies")
     snapshot: bool = Field(False, description="stateless: also snapshot to disk, a rebuild candidate if newer")
@@ -179,39 +183,13 @@ class RecoveryConfig(_Section):
             raise ValueError(f"{self.strategy} recovery with snapshots needs every_updates or every_s")
         if self.strategy == "chain" and self.replicas < 2:
             raise ValueError(f"chain replication needs replicas >= 2, got {self.replicas}")
-        if self.strategy == "chain" and self.mode == "relaxed" and self.every_updates is None:
+        if self.strategy == "chain" and self.mode == ChainMode.RELAXED and self.every_updates is None:
             raise ValueError("relaxed chain replication needs every_updates")
         return self
 
     @property
     def replicas_per_shard(self) -> int:
         return self.replicas if self.strategy == "chain" else 1
-
-
-class LtpConfig(_Section):
-    """``--transport ltp``: the loss-tolerant UDP transport for pushes (stalwart.transport.ltp).
-    The server's settings rule; clients learn them in the handshake."""
-    mtu: int = Field(1500, ge=576, le=65535, description="IP MTU of the path; one packet fills one frame")
-    min_fraction: float = Field(0.9, gt=0, le=1, description="a round never closes with less of it received "
-                                                            "(the lost-fraction ceiling is 1 - this)")
-    slack: float = Field(2.0, ge=1, le=100, description="early close deadline: this many recent round spans")
-    fill: Literal["rescale", "zero", "previous"] = Field(
-        "rescale", description="what fills lost ranges: zeros with rescale, zeros, the previous round's values")
-    hadamard: bool = Field(False, description="randomized Hadamard rotation before sending (spreads loss)")
-    hadamard_block: int = Field(4096, ge=2, le=1 << 22, description="rotation block, a power of two")
-    rate_mbit: float | None = Field(None, gt=0, description="initial pacing rate; None: learn it from round 1")
-    drop: float = Field(0.0, ge=0, lt=1, description="receiver drops this fraction of packets on purpose")
-    drop_seed: int = 0
-    round_timeout_s: float = Field(30.0, gt=0, description="a round with no progress this long breaks the connection")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "LtpConfig":
-        if self.hadamard_block & (self.hadamard_block - 1):
-            raise ValueError(f"hadamard_block {self.hadamard_block} is not a power of two")
-        if self.hadamard and self.fill == "previous":
-            raise ValueError("fill 'previous' cannot be combined with hadamard (the previous round was rotated "
-                             "with other signs); use rescale or zero")
-        return self
 
 
 class JobConfig(_Section):

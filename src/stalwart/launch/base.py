@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
-from .spec import RoleSpec
+from ..spec import RoleSpec
 
 RoleKey = tuple[str, int]  # ("server", 0)
 

@@ -16,7 +16,7 @@ from ..config import JobConfig
 from ..control import CoordinatorClient, CoordinatorError
 from .base import Exit, Launcher
 from .local import LocalLauncher
-from .spec import TOKEN_ENV, RoleSpec
+from ..spec import TOKEN_ENV, RoleSpec
 
 
 class ClusterError(RuntimeError):

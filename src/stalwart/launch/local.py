@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from .base import Exit, Launcher, RoleKey
-from .spec import HOST_ENV, LISTEN_FD_ENV, RoleSpec
+from ..spec import HOST_ENV, LISTEN_FD_ENV, RoleSpec
 
 _PR_SET_PDEATHSIG = 1
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from ..config import JobConfig
 from .base import Exit, Launcher, RoleKey
 from .local import LocalLauncher
-from .spec import HOST_ENV, RoleSpec
+from ..spec import HOST_ENV, RoleSpec
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 PLACEMENT_TIMEOUT_S = 60.0

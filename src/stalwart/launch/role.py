@@ -10,7 +10,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m stalwart.launch.role coordinator|server|worker INDEX SPEC", file=sys.stderr)
         return 2
     role, index, spec_path = argv[0], int(argv[1]), argv[2]
-    from .spec import RoleSpec
+    from ..spec import RoleSpec
     spec = RoleSpec.load(spec_path)
     if role == "coordinator":
         from ..control.main import run_coordinator

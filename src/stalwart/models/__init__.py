@@ -5,7 +5,7 @@ A factory is called as ``factory(input_shape, num_classes)`` and returns a
 processes that never build a model (servers, the coordinator) never import it.
 """
 
-BUILTIN = ("mlp", "cnn1d", "papercnn")
+from .builtin import BUILTIN
 
 
 def build_model(name, input_shape, num_classes, *, seed, hidden=256):

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import BUILTIN
+from .builtin import BUILTIN
 
 
 def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int = 256) -> nn.Module:
@@ -53,17 +53,6 @@ class PaperCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
-
-
-class FlatVector(nn.Module):
-    """A bare parameter vector of a given size, for push/pull benchmarks."""
-
-    def __init__(self, size: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

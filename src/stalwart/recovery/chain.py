@@ -27,107 +27,68 @@ new chain and connects to its new successor (or, if it is now the tail, acknowle
 everything it holds). A restarted process joins at the tail: it asks the tail for a
 state transfer, the tail sends its state and from then on forwards every entry to it,
 and once installed it tells the coordinator, which appends it to the chain.
+
+**Membership as last read.** A replica reads its chain from the coordinator when the
+coordinator's epoch moves (heartbeat replies carry it; :meth:`ChainRecovery._maintain`
+watches it), never on the update path. That is safe because the one change that adds
+a successor behind a replica goes through that replica first (a joiner is adopted, and
+becomes its successor link, before the coordinator appends it), and a replica acts as
+the tail only while the chain it last read was fully formed: before that, entries
+wait for the successor the formation will give it.
+
+The strategy acts on its shard through :class:`~stalwart.shard.ShardState` only: an
+entry from upstream is applied with the same ``apply_*`` a head uses, and a state
+transfer is one encoded :class:`~stalwart.shard.Snapshot` with the log position and
+the dedupe table beside it.
 """
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from ..control import CoordinatorClient, CoordinatorError
-from ..transport import Connection, ConnectionClosed, Frame, Kind, ProtocolError, dial
-
-if TYPE_CHECKING:
-    from ..server.server import ParameterServer
+from ..shard import Snapshot, SnapshotError
+from ..sync import SyncError
+from ..transport import Connection, ConnectionClosed, Flag, Frame, Kind, ProtocolError, dial
+from ..transport.service import Refused, Session
+from .base import Ack, AckAt, Entry, Op, RecoveryStrategy
 
 REPAIR_POLL_S = 0.1
 
 
-# --- whole-state transfer ---------------------------------------------------------------
-
-def to_plain(value: Any, arrays: list[np.ndarray]) -> Any:
-    """Policy state as msgpack-able data; arrays go to ``arrays`` and are referenced by index."""
-    if isinstance(value, np.ndarray):
-        arrays.append(value)
-        return {"__nd__": len(arrays) - 1}
-    if isinstance(value, (set, frozenset)):
-        return {"__set__": [to_plain(v, arrays) for v in sorted(value)]}
-    if isinstance(value, dict):
-        return {"__map__": [[to_plain(k, arrays), to_plain(v, arrays)] for k, v in value.items()]}
-    if isinstance(value, tuple):
-        return {"__tuple__": [to_plain(v, arrays) for v in value]}
-    if isinstance(value, list):
-        return [to_plain(v, arrays) for v in value]
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    return value
+class ChainMode(enum.StrEnum):
+    STRONG = "strong"    # acknowledged once the tail holds it; pulls at the tail
+    RELAXED = "relaxed"  # acknowledged at the head; state sent down every few updates
 
 
-def from_plain(value: Any, arrays: list[np.ndarray]) -> Any:
-    if isinstance(value, dict):
-        if "__nd__" in value:
-            return arrays[value["__nd__"]].copy()
-        if "__set__" in value:
-            return {from_plain(v, arrays) for v in value["__set__"]}
-        if "__tuple__" in value:
-            return tuple(from_plain(v, arrays) for v in value["__tuple__"])
-        if "__map__" in value:
-            return {from_plain(k, arrays): from_plain(v, arrays) for k, v in value["__map__"]}
-    if isinstance(value, list):
-        return [from_plain(v, arrays) for v in value]
-    return value
+class Member(NamedTuple):
+    """One replica of the chain as the coordinator lists it, head first."""
+    index: int
+    address: str
 
 
-def state_frame(server: "ParameterServer", lsn: int, dedupe: dict) -> tuple[Frame, bytes]:
-    """The server's whole state as one STATE frame; the caller holds its state lock."""
-    arrays: list[np.ndarray] = []
-    opt_arrays, opt_scalars = server.optimizer_state()
-    meta = {
-        "shard": server.shard, "version": server.version, "lsn": lsn, "initialized": server.initialized,
-        "params": to_plain(server.params, arrays),
-        "optimizer": to_plain(opt_arrays, arrays), "optimizer_scalars": opt_scalars,
-        "policy": to_plain({k: v for k, v in vars(server.policy).items() if not k.startswith("_events")}, arrays),
-        "dedupe": to_plain(dedupe, arrays),
-        "arrays": [[str(a.dtype), list(a.shape)] for a in arrays],
-    }
-    payload = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
-    return Frame(Kind.STATE, shard=server.shard, seq=lsn, meta=meta), payload
+class Applied(NamedTuple):
+    """A worker's last push that the chain holds: its push sequence, the log position
+    the head gave it, and the shard's version after it (what a resend is told)."""
+    seq: int
+    lsn: int
+    version: int
 
-
-def install_state(server: "ParameterServer", meta: dict, payload: memoryview) -> tuple[int, dict]:
-    """Install a STATE frame into ``server`` (caller holds its state lock): (lsn, dedupe)."""
-    if meta.get("shard") != server.shard:
-        raise ProtocolError(f"state for shard {meta.get('shard')} sent to shard {server.shard}")
-    arrays, offset = [], 0
-    for dtype, shape in meta["arrays"]:
-        a = np.frombuffer(payload, dtype=np.dtype(dtype), count=int(np.prod(shape)), offset=offset)
-        arrays.append(a.reshape(shape))
-        offset += a.nbytes
-    if offset != len(payload):
-        raise ProtocolError(f"state payload of {len(payload)} bytes, arrays of {offset}")
-    params = from_plain(meta["params"], arrays)
-    if params.shape != server.params.shape:
-        raise ProtocolError(f"state holds {params.shape} parameters, the shard {server.params.shape}")
-    server.install(params, from_plain(meta["optimizer"], arrays), meta["optimizer_scalars"],
-                   meta["version"], meta["initialized"])
-    for k, v in from_plain(meta["policy"], arrays).items():
-        setattr(server.policy, k, v)
-    return int(meta["lsn"]), from_plain(meta["dedupe"], arrays)
-
-
-# --- the log ---------------------------------------------------------------------------
 
 @dataclass
-class Entry:
+class Record:
+    """An entry applied here and sent (or to be sent) downstream, not yet acknowledged."""
     lsn: int
     frame: Frame                      # REPLICATE frame as sent downstream
     payload: bytes | None
-    waiters: list[Callable[[], None]] = field(default_factory=list)  # run once durable
+    waiters: list[Ack] = field(default_factory=list)  # run once durable
 
 
 @dataclass
@@ -138,18 +99,23 @@ class Link:
     broken: bool = False
 
 
-class ChainReplica:
-    """One replica's part in its shard's chain; the server calls in, threads send out."""
+class ChainRecovery(RecoveryStrategy):
+    """One replica's part in its shard's chain: the log, the dedupe table, the link to
+    its successor and its repair. The server calls in; two threads send out."""
 
-    def __init__(self, server: "ParameterServer", index: int, control: CoordinatorClient, token: bytes,
-                 transport: str, mode: str = "strong", every_updates: int = 100):
-        self.server, self.index, self.control = server, index, control
-        self.token, self.transport, self.mode, self.every_updates = token, transport, mode, every_updates
-        self.shard = server.shard
+    name = "chain"
+    owns = frozenset({Kind.REPLICATE, Kind.REPLICATE_ACK, Kind.STATE, Kind.REQUEST})
+    fresh_payloads = frozenset({Kind.STATE})
+
+    def __init__(self, index: int, control: CoordinatorClient, token: bytes, transport: str,
+                 mode: ChainMode | str = ChainMode.STRONG, every_updates: int = 100):
+        self.index, self.control, self.token, self.transport = index, control, token, transport
+        self.mode, self.every_updates = ChainMode(mode), every_updates
         self.last_lsn = 0
-        self.dedupe: dict[int, list] = {}     # worker -> [push seq, lsn, version after it]
-        self.outbox: deque[Entry] = deque()   # applied here, not yet acked by the successor
-        self.members: list[list] = []         # the chain as last read: [[index, address], ...]
+        self.dedupe: dict[int, Applied] = {}  # worker -> its last push the chain holds
+        self.outbox: deque[Record] = deque()  # applied here, not yet acked by the successor
+        self.members: list[Member] = []       # the chain as last read, head first
+        self.formed = False                   # ...and whether it was complete then
         self.successor: Link | None = None
         self._sent_upto = 0
         self._cond = threading.Condition()    # guards outbox, successor, _sent_upto
@@ -157,16 +123,22 @@ class ChainReplica:
         self._closed = False
         self._last_state_version = 0
 
+    def max_payload(self) -> int:
+        # A whole-state transfer: parameters, optimizer and policy arrays, and a header.
+        return 6 * self.shard.nbytes + (1 << 20)
+
     # --- position in the chain ------------------------------------------------------
     def refresh(self) -> None:
         try:
-            self.members = self.control.call("chain", shard=self.shard)["members"]
+            reply = self.control.call("chain", shard=self.shard.shard)
         except CoordinatorError:
-            pass
+            return
+        self.members = [Member(int(i), str(a)) for i, a in reply["members"]]
+        self.formed = bool(reply.get("formed", True))
 
-    def position(self) -> tuple[int | None, list | None]:
-        """(my place, my successor [index, address]) in the chain as last read."""
-        indices = [m[0] for m in self.members]
+    def position(self) -> tuple[int | None, Member | None]:
+        """(my place, my successor) in the chain as last read."""
+        indices = [m.index for m in self.members]
         if self.index not in indices:
             return None, None
         at = indices.index(self.index)
@@ -181,31 +153,128 @@ class ChainReplica:
                 self._changed("became_head")
         return at == 0
 
-    # --- entries --------------------------------------------------------------------
-    def append(self, frame: Frame, payload: bytes | None, waiter: Callable[[], None] | None) -> None:
-        """Queue an entry the server just applied (it holds its state lock)."""
-        if self.mode == "strong" and self.successor is None:
-            # No link yet: are we the tail, or is our successor's link still being made?
-            self.refresh()
-            if self.position()[1] is not None:
-                self._wake.set()
-                with self._cond:
-                    self.outbox.append(Entry(frame.seq, frame, payload, [waiter] if waiter else []))
-                return
-        with self._cond:
-            if self.mode == "strong" and self.successor is not None:
-                self.outbox.append(Entry(frame.seq, frame, payload, [waiter] if waiter else []))
-                self._cond.notify_all()
-                return
-        if waiter is not None:
-            waiter()  # the tail (or relaxed mode): applied here is acknowledged
+    def _tail_as_last_read(self) -> bool:
+        return self.formed and self.position()[1] is None
 
-    def wait_durable(self, lsn: int, waiter: Callable[[], None]) -> None:
+    # --- the server's hooks -----------------------------------------------------------
+    def redirect(self) -> str | None:
+        if self.is_head():
+            return None
+        return f"server {self.index} is not the head of shard {self.shard.shard}'s chain"
+
+    def applied_before(self, frame: Frame, ack_at: AckAt) -> bool:
+        seen = self.dedupe.get(frame.worker)
+        if seen is None or seen.seq != frame.seq:
+            return False
+        # A resend of a push we hold (the worker lost our predecessor as head).
+        self.wait_durable(seen.lsn, ack_at(seen.version))
+        return True
+
+    def commit(self, entry: Entry, ack: Ack | None) -> Ack | None:
+        """At the head: give the entry the next lsn and send it down the chain."""
+        f = entry.frame
+        self.last_lsn += 1
+        down = Frame(Kind.REPLICATE, shard=self.shard.shard, worker=f.worker, seq=self.last_lsn, clock=f.clock,
+                     meta={"op": entry.op.value, "wseq": f.seq, "now": entry.now,
+                           **({"hint": entry.hint} if entry.hint else {})})
+        if entry.op == Op.PUSH:
+            self.dedupe[f.worker] = Applied(f.seq, self.last_lsn, self.shard.version)
+        self._append(down, None if entry.payload is None else entry.payload.tobytes(), ack)
+        self._maybe_send_state()
+        return None
+
+    def holds(self, frame: Frame) -> bool:
+        """Read your writes: on a strong chain's tail, a pull that follows a push waits
+        until that push has come down the chain."""
+        if self.mode != ChainMode.STRONG or not frame.flags & Flag.AFTER_PUSH:
+            return True
+        seen = self.dedupe.get(frame.worker)
+        return seen is not None and seen.seq == frame.seq
+
+    def on_frame(self, session: Session, frame: Frame) -> None:
+        if frame.kind == Kind.REPLICATE_ACK:
+            self.on_ack(frame.seq)
+        elif frame.kind == Kind.REPLICATE:
+            self._apply_upstream(session, frame)
+        elif frame.kind == Kind.STATE:
+            with self.shard.lock:
+                self._install(frame)
+                self._forward_state(frame, bytes(frame.payload))
+            self.log.emit("state_installed", shard=self.shard.shard, version=self.shard.version, lsn=self.last_lsn)
+        elif (frame.meta or {}).get("op") == "chain_join":
+            self._on_join_request(session, frame)
+        else:
+            raise ProtocolError(f"a chain replica does not accept {frame.kind.name} "
+                                f"{(frame.meta or {}).get('op')!r} requests")
+
+    def on_disconnect(self, session: Session) -> None:
+        if session.data.get("successor"):
+            with self._cond:
+                link = self.successor
+            if link is not None and link.conn is session.conn:
+                self._broken(link)
+
+    def stats(self) -> dict:
+        return {"chain_lsn": self.last_lsn}
+
+    # --- entries from our predecessor -------------------------------------------------
+    def _apply_upstream(self, session: Session, frame: Frame) -> None:
+        shard, meta, lsn = self.shard, frame.meta or {}, frame.seq
+
+        def ack_upstream() -> None:
+            try:
+                session.conn.send(Frame(Kind.REPLICATE_ACK, shard=shard.shard, seq=lsn))
+            except (ConnectionError, OSError):
+                pass  # our predecessor died; its predecessor will resend to us
+        try:
+            op = Op(meta.get("op"))
+        except ValueError:
+            raise ProtocolError(f"unknown chain entry {meta.get('op')!r}") from None
+        payload = shard.checked(frame) if op in (Op.PUSH, Op.INIT) else None
+        with shard.lock:
+            if lsn <= self.last_lsn:
+                return self.wait_durable(lsn, ack_upstream)  # a resend after a repair
+            if lsn != self.last_lsn + 1:
+                raise ProtocolError(f"chain entry {lsn} after {self.last_lsn}: entries are missing")
+            now = float(meta.get("now", 0.0))
+            try:
+                if op == Op.PUSH:
+                    shard.apply_push(frame.worker, frame.clock, payload, now, None, meta.get("hint"))
+                    self.dedupe[frame.worker] = Applied(meta.get("wseq"), lsn, shard.version)
+                elif op == Op.INIT:
+                    shard.apply_init(frame.worker, payload)
+                else:
+                    shard.apply_leave(frame.worker, now)
+            except SyncError as exc:
+                # Replicas apply the head's log in the head's order; a refusal here
+                # means the states diverged. Say so loudly; the entry still counts.
+                self.log.emit("chain_diverged", shard=shard.shard, lsn=lsn, reason=str(exc))
+            self.last_lsn = lsn
+            shard.lock.notify_all()  # a pull may wait for this very push (read your writes)
+            decisions = shard.policy.drain_events()
+            self._append(frame, None if payload is None else payload.tobytes(), ack_upstream)
+        shard.log_decisions(decisions)
+
+    def _append(self, frame: Frame, payload: bytes | None, waiter: Ack | None) -> None:
+        """Queue an entry just applied here (the shard's lock held) for our successor; on
+        the tail, or in relaxed mode, it is durable once applied."""
+        if self.mode == ChainMode.STRONG:
+            with self._cond:
+                if self.successor is not None or not self._tail_as_last_read():
+                    self.outbox.append(Record(frame.seq, frame, payload, [waiter] if waiter else []))
+                    self._cond.notify_all()
+                    if self.successor is None:
+                        self._wake.set()  # the maintainer links us up (or finds us the tail)
+                    return
+        if waiter is not None:
+            waiter()
+
+    def wait_durable(self, lsn: int, waiter: Ack) -> None:
         """Run ``waiter`` once entry ``lsn`` (already applied) is acknowledged."""
         with self._cond:
-            for entry in self.outbox:
-                if entry.lsn == lsn:
-                    entry.waiters.append(waiter)
+            for record in self.outbox:
+                if record.lsn == lsn:
+                    record.waiters.append(waiter)
                     return
         waiter()  # not pending: already durable
 
@@ -217,56 +286,106 @@ class ChainReplica:
         for w in fire:
             w()
 
-    def maybe_send_state(self) -> None:
-        """Relaxed mode, at the head (holding the state lock): the whole state every
-        ``every_updates`` updates."""
-        if self.mode != "relaxed" or self.server.version - self._last_state_version < self.every_updates:
-            return
-        self._last_state_version = self.server.version
-        frame, payload = state_frame(self.server, self.last_lsn, self.dedupe)
-        self.forward_state(frame, payload)
+    # --- whole-state transfer -----------------------------------------------------------
+    def _state_frame(self) -> tuple[Frame, bytes]:
+        """The shard's whole state, our lsn and the dedupe table as one STATE frame (lock held)."""
+        dedupe = [[w, *applied] for w, applied in self.dedupe.items()]
+        return (Frame(Kind.STATE, shard=self.shard.shard, seq=self.last_lsn,
+                      meta={"lsn": self.last_lsn, "dedupe": dedupe}), self.shard.snapshot().to_bytes())
 
-    def forward_state(self, frame: Frame, payload: bytes) -> None:
+    def _install(self, frame: Frame) -> None:
+        """Take over the state a STATE frame carries (lock held)."""
+        meta = frame.meta or {}
+        try:
+            snap = Snapshot.decode(frame.payload, self.shard.shard)
+            lsn, dedupe = int(meta["lsn"]), {int(w): Applied(*rest) for w, *rest in meta["dedupe"]}
+            self.shard.restore(snap)
+        except (SnapshotError, KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"a state transfer that cannot be installed: {exc}") from None
+        self.last_lsn, self.dedupe = lsn, dedupe
+
+    def _maybe_send_state(self) -> None:
+        """Relaxed mode, at the head (lock held): the whole state every ``every_updates`` updates."""
+        if self.mode != ChainMode.RELAXED or self.shard.version - self._last_state_version < self.every_updates:
+            return
+        self._last_state_version = self.shard.version
+        self._forward_state(*self._state_frame())
+
+    def _forward_state(self, frame: Frame, payload: bytes) -> None:
         """Send a whole state on down the chain (relaxed mode)."""
         with self._cond:
             link = self.successor
-        if link is not None and self.mode == "relaxed":
+        if link is not None and self.mode == ChainMode.RELAXED:
             try:
                 link.conn.send(frame, payload)
             except (ConnectionError, OSError):
                 self._broken(link)
 
-    # --- successor management -----------------------------------------------------------
+    # --- joining -----------------------------------------------------------------------
     def start(self) -> None:
+        """Join the chain (at once for a member of the first one), then keep the link."""
+        self._join()
         threading.Thread(target=self._maintain, name="chain-maintain", daemon=True).start()
         threading.Thread(target=self._sender, name="chain-send", daemon=True).start()
 
-    def can_adopt(self) -> str | None:
+    def _on_join_request(self, session: Session, frame: Frame) -> None:
+        index = (frame.meta or {}).get("index")
+        reason = self._why_not_adopt()
+        if reason is not None or type(index) is not int:
+            raise Refused(reason or "chain_join needs an integer index", retry=True)
+        session.data["successor"] = True
+        with self.shard.lock:
+            state, payload = self._state_frame()
+            session.conn.send(state, payload)
+            with self._cond:
+                self._set_successor(Link(index, session.conn))
+        self.log.emit("chain_joiner_adopted", shard=self.shard.shard, joiner=index, lsn=self.last_lsn)
+
+    def _why_not_adopt(self) -> str | None:
         """Why a joiner cannot attach behind us now (None: it can)."""
         self.refresh()
         at, successor = self.position()
         if at is None or successor is not None:
-            return f"server {self.index} is not the tail of shard {self.shard}'s chain"
+            return f"server {self.index} is not the tail of shard {self.shard.shard}'s chain"
         with self._cond:
             if self.successor is not None and not self.successor.broken:
                 return f"server {self.index} is already handing its state to another replica"
         return None
 
-    def adopt_joiner(self, index: int, conn: Connection) -> None:
-        """A new replica asked for our state (we are the tail): it becomes our successor."""
-        with self.server._state:
-            frame, payload = state_frame(self.server, self.last_lsn, self.dedupe)
-            conn.send(frame, payload)
-            with self._cond:
-                self._set_successor(Link(index, conn))
-        self.server.log.emit("chain_joiner_adopted", shard=self.shard, joiner=index, lsn=self.last_lsn)
+    def _join(self, timeout_s: float = 60.0) -> None:
+        """Not in the chain: copy the tail's state, follow it, and be appended."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self._closed:
+            self.refresh()
+            if self.position()[0] is not None:
+                return  # in the chain already (the first formation)
+            if not self.members:
+                time.sleep(0.05)  # the chain is still forming
+                continue
+            tail = self.members[-1]
+            try:
+                conn = dial(tail.address, self.token, self.transport, timeout=2.0, max_payload=self.max_payload())
+                conn.send(Frame(Kind.REQUEST, shard=self.shard.shard, meta={"op": "chain_join", "index": self.index}))
+                first = conn.recv()
+            except (OSError, ProtocolError, ConnectionError):
+                time.sleep(0.05)  # the tail is changing: read the chain again
+                continue
+            if first.kind != Kind.STATE:
+                conn.close()
+                time.sleep(0.05)
+                continue
+            with self.shard.lock:
+                self._install(first)
+            self.log.emit("state_installed", shard=self.shard.shard, version=self.shard.version,
+                          lsn=self.last_lsn, source=tail.index)
+            # From now on the tail forwards every entry to us on this connection.
+            threading.Thread(target=self.serve, args=(conn,), daemon=True, name="chain-up").start()
+            self.control.call("chain_join", index=self.index)
+            self.refresh()
+            return
+        raise RuntimeError(f"server {self.index} could not join shard {self.shard.shard}'s chain in {timeout_s}s")
 
-    def successor_lost(self, conn: Connection) -> None:
-        with self._cond:
-            link = self.successor
-        if link is not None and link.conn is conn:
-            self._broken(link)
-
+    # --- successor management -----------------------------------------------------------
     def _broken(self, link: Link) -> None:
         link.broken = True
         link.conn.close()
@@ -281,7 +400,7 @@ class ChainReplica:
             old.conn.close()
         fire = []
         if link is None:
-            fire = [w for e in self.outbox for w in e.waiters]
+            fire = [w for r in self.outbox for w in r.waiters]
             self.outbox.clear()
         self._cond.notify_all()
         for w in fire:
@@ -310,37 +429,41 @@ class ChainReplica:
             if at is None:
                 continue  # not in the chain: removed, or a joiner not yet appended
             if wanted is None:
+                if not self.formed:
+                    continue  # the first chain is still forming: our successor is yet to come
                 # We are the tail. A joiner not yet appended stays our successor while alive.
-                joiner = link is not None and not link.broken and link.index not in [m[0] for m in self.members]
+                joiner = link is not None and not link.broken and link.index not in [m.index for m in self.members]
                 if link is not None and not joiner:
                     with self._cond:
                         self._set_successor(None)
                     self._changed("became_tail")
+                elif link is None and self.outbox:
+                    with self._cond:
+                        self._set_successor(None)  # entries queued while the chain formed
                 continue
-            if link is not None and link.index == wanted[0] and not link.broken:
+            if link is not None and link.index == wanted.index and not link.broken:
                 continue
             try:
-                conn = dial(wanted[1], self.token, self.transport, timeout=2.0,
-                            max_payload=self.server.max_payload)
+                conn = dial(wanted.address, self.token, self.transport, timeout=2.0,
+                            max_payload=self.max_payload())
             except (OSError, ProtocolError, ConnectionError):
                 self._wake.set()  # not up yet, or dead and about to be removed: try again
                 time.sleep(0.02)  # back off a little before the retry
                 continue
-            new = Link(wanted[0], conn)
+            new = Link(wanted.index, conn)
             with self._cond:
                 self._set_successor(new)
             threading.Thread(target=self._ack_reader, args=(new,), daemon=True, name="chain-acks").start()
             self._changed("new_successor")
-            if self.mode == "relaxed":
-                with self.server._state:
-                    frame, payload = state_frame(self.server, self.last_lsn, self.dedupe)
-                self.forward_state(frame, payload)  # the new successor starts from our state
+            if self.mode == ChainMode.RELAXED:
+                with self.shard.lock:
+                    state = self._state_frame()
+                self._forward_state(*state)  # the new successor starts from our state
 
     def _changed(self, why: str) -> None:
-        with self.server._state:
-            self.server._resume_reason = self.server._resume_reason or why
-        self.server.log.emit("chain_changed", shard=self.shard, why=why,
-                             chain=[m[0] for m in self.members], epoch=self.control.epoch)
+        self.shard.note_interruption(why)
+        self.log.emit("chain_changed", shard=self.shard.shard, why=why,
+                      chain=[m.index for m in self.members], epoch=self.control.epoch)
 
     def _sender(self) -> None:
         while True:
@@ -351,11 +474,11 @@ class ChainReplica:
                 if self._closed:
                     return
                 link = self.successor
-                batch = [e for e in self.outbox if e.lsn > self._sent_upto]
+                batch = [r for r in self.outbox if r.lsn > self._sent_upto]
                 self._sent_upto = batch[-1].lsn
             try:
-                for e in batch:
-                    link.conn.send(e.frame, e.payload)
+                for r in batch:
+                    link.conn.send(r.frame, r.payload)
             except (ConnectionError, OSError):
                 self._broken(link)
 
@@ -370,7 +493,7 @@ class ChainReplica:
                 self.on_ack(frame.seq)
         except (ConnectionError, OSError, ProtocolError, ConnectionClosed) as exc:
             if not self._closed:
-                self.server.log.emit("chain_link_lost", shard=self.shard, successor=link.index, reason=str(exc))
+                self.log.emit("chain_link_lost", shard=self.shard.shard, successor=link.index, reason=str(exc))
                 self._broken(link)
 
     def close(self) -> None:
@@ -380,39 +503,3 @@ class ChainReplica:
             self._cond.notify_all()
             if self.successor is not None:
                 self.successor.conn.close()
-
-
-def join_chain(server: "ParameterServer", chain: ChainReplica, timeout_s: float = 60.0) -> None:
-    """A replica that is not in its shard's chain: copy the tail's state, follow it, and
-    be appended. Runs until appended (or the job ends)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not chain._closed:
-        chain.refresh()
-        if chain.position()[0] is not None:
-            return  # in the chain already (the first formation)
-        if not chain.members:
-            time.sleep(0.05)  # the chain is still forming
-            continue
-        tail = chain.members[-1]
-        try:
-            conn = dial(tail[1], chain.token, chain.transport, timeout=2.0, max_payload=server.max_payload)
-            conn.send(Frame(Kind.REQUEST, shard=server.shard, meta={"op": "chain_join", "index": chain.index}))
-            first = conn.recv()
-        except (OSError, ProtocolError, ConnectionError):
-            time.sleep(0.05)  # the tail is changing: read the chain again
-            continue
-        if first.kind != Kind.STATE:
-            conn.close()
-            time.sleep(0.05)
-            continue
-        with server._state:
-            chain.last_lsn, chain.dedupe = install_state(server, first.meta or {}, first.payload)
-        server.log.emit("state_installed", shard=server.shard, version=server.version, lsn=chain.last_lsn,
-                        source=tail[0])
-        # From now on the tail forwards every entry to us on this connection.
-        threading.Thread(target=server.serve_authenticated, args=(conn,), daemon=True, name="chain-up").start()
-        chain.control.call("chain_join", index=chain.index)
-        chain.refresh()
-        return
-    raise RuntimeError(f"server {chain.index} could not join shard {server.shard}'s chain in {timeout_s}s")
-

@@ -8,86 +8,46 @@ previous one is still being written replaces it (the newer state wins; nothing w
 
 A file is written atomically: a temporary file, ``fsync``, ``rename``, and an ``fsync``
 of the folder, so a crash leaves either the old file or the new one, never half of
-one. Each file holds a magic, a format version, a msgpack header (shard, size, model
-version, array names, dtypes and shapes) and the raw arrays, and a SHA-256 over all of
-it. :meth:`Checkpointer.load_newest` tries files from the newest; one that is truncated,
-corrupted or for another shard is logged and skipped for the one before it. The last
-``keep`` files are kept.
+one. A file holds one encoded :class:`~stalwart.shard.Snapshot` (checksummed; the same
+format a chain's state transfer uses) of the parameters and the optimizer; the sync
+policy stays out, since a restored server is older than the clocks the workers bring
+and follows them instead. :meth:`Checkpointer.load_newest` tries files from the newest;
+one that is truncated, corrupted or for another shard is logged and skipped for the
+one before it. The last ``keep`` files are kept.
+
+:class:`CheckpointRecovery` is the strategy: a snapshot after every ``every_updates``
+updates or ``every_s`` seconds, the newest good one restored when a server starts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import struct
 import threading
 import time
 from pathlib import Path
 
-import msgpack
 import numpy as np
 
 from ..metrics import EventLog
+from ..shard import ShardState, Snapshot, SnapshotError
+from .base import RecoveryStrategy
 
-MAGIC = b"STLWCKPT"
-FORMAT = 1
-_PREFIX = struct.Struct("!8sHI")  # magic, format, header length
 _NAME = re.compile(r"^shard(\d+)-v(\d{12})\.ckpt$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be trusted; the message says why."""
-
-
-def encode(shard: int, version: int, arrays: dict[str, np.ndarray], scalars: dict) -> list[bytes | memoryview]:
-    header = msgpack.packb({"shard": shard, "version": version, "scalars": scalars,
-                            "arrays": [[k, str(a.dtype), list(a.shape)] for k, a in arrays.items()]})
-    parts: list[bytes | memoryview] = [_PREFIX.pack(MAGIC, FORMAT, len(header)), header]
-    parts += [memoryview(np.ascontiguousarray(a)).cast("B") for a in arrays.values()]
-    digest = hashlib.sha256()
-    for p in parts:
-        digest.update(p)
-    return parts + [digest.digest()]
-
-
-def decode(raw: bytes, shard: int | None = None) -> tuple[int, dict[str, np.ndarray], dict]:
-    """Parse and verify one checkpoint file's bytes: (version, arrays, scalars)."""
-    if len(raw) < _PREFIX.size + 32:
-        raise CheckpointError(f"truncated: {len(raw)} bytes")
-    if hashlib.sha256(raw[:-32]).digest() != raw[-32:]:
-        raise CheckpointError("checksum mismatch (corrupted or truncated)")
-    magic, fmt, header_len = _PREFIX.unpack_from(raw)
-    if magic != MAGIC:
-        raise CheckpointError("not a stalwart checkpoint (bad magic)")
-    if fmt != FORMAT:
-        raise CheckpointError(f"format {fmt} is not supported (expected {FORMAT})")
-    try:
-        header = msgpack.unpackb(raw[_PREFIX.size:_PREFIX.size + header_len])
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise CheckpointError(f"undecodable header: {exc}") from None
-    if shard is not None and header.get("shard") != shard:
-        raise CheckpointError(f"holds shard {header.get('shard')}, not shard {shard}")
-    offset = _PREFIX.size + header_len
-    arrays = {}
-    for name, dtype, shape in header["arrays"]:
-        count = int(np.prod(shape))
-        arr = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape)
-        arrays[name] = arr
-        offset += arr.nbytes
-    if offset != len(raw) - 32:
-        raise CheckpointError(f"array sizes disagree with the file size ({offset} vs {len(raw) - 32})")
-    return int(header["version"]), arrays, header.get("scalars", {})
-
-
 class Checkpointer:
+    """The snapshot/persist split for one shard: :meth:`snapshot` copies on the update
+    path into reused buffers, a background thread writes the files; :meth:`load_newest`
+    reads back the newest one that verifies."""
+
     def __init__(self, folder: Path, shard: int, log: EventLog, *, every_updates: int | None,
                  every_s: float | None, keep: int = 3):
         self.folder, self.shard, self.log = Path(folder), shard, log
         self.every_updates, self.every_s, self.keep = every_updates, every_s, keep
         self.folder.mkdir(parents=True, exist_ok=True)
         self._spare: dict[str, np.ndarray] | None = None
-        self._ready: tuple[int, dict, dict] | None = None   # the snapshot waiting to be written
+        self._ready: Snapshot | None = None   # the snapshot waiting to be written
         self._cond = threading.Condition()
         self._closed = False
         self._writing = False
@@ -103,20 +63,22 @@ class Checkpointer:
             return True
         return self.every_s is not None and time.monotonic() - self._last_time >= self.every_s
 
-    def snapshot(self, version: int, arrays: dict[str, np.ndarray], scalars: dict) -> None:
-        """Copy the state into this checkpointer's buffers; the caller holds the state lock."""
+    def snapshot(self, snap: Snapshot) -> None:
+        """Copy ``snap`` (views of the live state; the caller holds the shard's lock) into
+        this checkpointer's buffers."""
         t0 = time.perf_counter()
         with self._cond:
             # Overwrite a snapshot not yet written, else reuse the buffers of the last one.
-            copies = self._ready[1] if self._ready is not None else (self._spare or {})
+            copies = self._ready.arrays if self._ready is not None else (self._spare or {})
             self._spare = None
-            for k, a in arrays.items():
+            for k, a in snap.arrays.items():
                 if k not in copies or copies[k].shape != a.shape or copies[k].dtype != a.dtype:
                     copies[k] = np.empty_like(a)
                 np.copyto(copies[k], a)
-            self._ready = (version, copies, dict(scalars))
+            self._ready = Snapshot(snap.shard, snap.version, snap.initialized, copies,
+                                   {k: dict(v) for k, v in snap.scalars.items()})
             self._cond.notify_all()
-        self._last_version, self._last_time = version, time.monotonic()
+        self._last_version, self._last_time = snap.version, time.monotonic()
         self.stats["snapshots"] += 1
         self.stats["snapshot_s"] += time.perf_counter() - t0
 
@@ -128,29 +90,28 @@ class Checkpointer:
                     self._cond.wait()
                 if self._ready is None:
                     return
-                version, arrays, scalars = self._ready
-                self._ready = None
+                snap, self._ready = self._ready, None
                 self._writing = True
             t0 = time.perf_counter()
             try:
-                path = self._write(version, arrays, scalars)
+                path = self._write(snap)
             except OSError as exc:
-                self.log.emit("checkpoint_failed", shard=self.shard, version=version, reason=str(exc))
+                self.log.emit("checkpoint_failed", shard=self.shard, version=snap.version, reason=str(exc))
             else:
                 self.stats["persisted"] += 1
                 self.stats["persist_s"] += time.perf_counter() - t0
-                self.log.emit("checkpoint", shard=self.shard, version=version, path=path.name,
+                self.log.emit("checkpoint", shard=self.shard, version=snap.version, path=path.name,
                               seconds=round(time.perf_counter() - t0, 4))
             with self._cond:
-                self._spare = arrays  # the next snapshot copies into these
+                self._spare = snap.arrays  # the next snapshot copies into these
                 self._writing = False
                 self._cond.notify_all()
 
-    def _write(self, version: int, arrays: dict, scalars: dict) -> Path:
-        final = self.folder / f"shard{self.shard}-v{version:012d}.ckpt"
+    def _write(self, snap: Snapshot) -> Path:
+        final = self.folder / f"shard{self.shard}-v{snap.version:012d}.ckpt"
         tmp = final.with_suffix(f".tmp{os.getpid()}")
         with open(tmp, "wb") as f:
-            for part in encode(self.shard, version, arrays, scalars):
+            for part in snap.encode():
                 f.write(part)
             f.flush()
             os.fsync(f.fileno())
@@ -170,17 +131,17 @@ class Checkpointer:
                  if (m := _NAME.match(p.name)) and int(m[1]) == self.shard]
         return [p for _, p in sorted(found, reverse=True)]
 
-    def load_newest(self) -> tuple[int, dict[str, np.ndarray], dict] | None:
+    def load_newest(self) -> Snapshot | None:
         """The newest checkpoint that verifies, or None; bad files are logged and skipped."""
         for path in self.files():
             try:
-                loaded = decode(path.read_bytes(), self.shard)
-            except (CheckpointError, OSError, KeyError, TypeError, ValueError) as exc:
+                snap = Snapshot.decode(path.read_bytes(), self.shard)
+            except (SnapshotError, OSError) as exc:
                 self.log.emit("checkpoint_skipped", shard=self.shard, path=path.name, reason=str(exc))
                 continue
-            self.log.emit("checkpoint_loaded", shard=self.shard, path=path.name, version=loaded[0])
-            self._last_version = loaded[0]
-            return loaded
+            self.log.emit("checkpoint_loaded", shard=self.shard, path=path.name, version=snap.version)
+            self._last_version = snap.version
+            return snap
         return None
 
     def flush(self, timeout_s: float = 30.0) -> bool:
@@ -195,3 +156,40 @@ class Checkpointer:
                 self._ready = None
             self._cond.notify_all()
         self._thread.join(timeout=30)
+
+    def watch(self, shard: ShardState) -> None:
+        """Snapshot ``shard`` whenever it is due, on its update path."""
+        def after_update(state: ShardState) -> None:
+            if self.due(state.version):
+                self.snapshot(state.snapshot(policy=False))
+        shard.after_update.append(after_update)
+
+    def describe(self) -> dict:
+        return {f"checkpoint_{k}": v for k, v in self.stats.items()}
+
+
+class CheckpointRecovery(RecoveryStrategy):
+    """Snapshots persisted in the background; a restarted server resumes from the newest."""
+
+    name = "checkpoint"
+
+    def __init__(self, checkpointer: Checkpointer):
+        self.checkpointer = checkpointer
+
+    def bind(self, shard, serve, log) -> None:
+        super().bind(shard, serve, log)
+        self.checkpointer.watch(shard)
+
+    def recover(self) -> None:
+        snap = self.checkpointer.load_newest()
+        if snap is None:
+            return
+        with self.shard.lock:
+            self.shard.restore(snap)
+        self.log.emit("restored", shard=self.shard.shard, version=snap.version)
+
+    def close(self) -> None:
+        self.checkpointer.close()
+
+    def stats(self) -> dict:
+        return self.checkpointer.describe()

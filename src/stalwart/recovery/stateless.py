@@ -1,13 +1,17 @@
 """Stateless servers: workers train through a server failure and rebuild the server.
 
+This module is the server's side (the rebuild window, the flush rules, the strategy);
+the workers' side, training through and owing backlogs, is
+:mod:`stalwart.worker.trainthrough`.
+
 A server here holds nothing that the workers do not hold too: every worker has a copy
 of the parameters it last pulled, tagged with the version it was pulled at. So when a
 shard's server dies, nothing is lost for good, and nobody needs to stop:
 
 1. **Detach.** A worker whose connection to a shard breaks keeps training, on its own
-   copy of the whole model (why the whole: :class:`TrainThrough`). It applies its own
+   copy of the whole model (why the whole: ``TrainThrough``). It applies its own
    updates locally (the job's optimizer rule) and adds the change it made to each
-   shard to that shard's :class:`Backlog`: a running sum and a count, never a list, so
+   shard to that shard's backlog: a running sum and a count, never a list, so
    its memory is fixed (the base copy, the sum and the local optimizer state: three
    shard-sized vectors) however long the outage lasts. The backlog is bounded in count
    (``backlog_max`` local steps, the most stale work a worker may owe); when it is full
@@ -32,17 +36,35 @@ base, and the rules below have plain meanings.
 
 from __future__ import annotations
 
+import enum
 import math
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
-FLUSH_RULES = ("sum", "mean", "staleness", "clip")
-FULL_POLICIES = ("wait", "drop")
+from ..shard import Snapshot
+from ..transport import Frame, Kind
+from ..transport.service import Refused, Session
+from .base import RecoveryStrategy
+from .checkpoint import Checkpointer
 
 
-def flush_scale(rule: str, delta: np.ndarray, workers: int, staleness: int, clip_norm: float) -> float:
+class FlushRule(enum.StrEnum):
+    """How a server applies a flushed backlog (:func:`flush_scale`)."""
+    SUM = "sum"
+    MEAN = "mean"
+    STALENESS = "staleness"
+    CLIP = "clip"
+
+    @classmethod
+    def parse(cls, rule: "FlushRule | str") -> "FlushRule":
+        try:
+            return cls(rule)
+        except ValueError:
+            raise ValueError(f"unknown flush rule {rule!r}; choose one of {[r.value for r in cls]}") from None
+
+
+def flush_scale(rule: "FlushRule | str", delta: np.ndarray, workers: int, staleness: int, clip_norm: float) -> float:
     """The factor a server applies a flushed backlog with (``params += factor * delta``).
 
     * ``sum``: 1. Every worker's whole local progress is added; with N workers that
@@ -54,47 +76,16 @@ def flush_scale(rule: str, delta: np.ndarray, workers: int, staleness: int, clip
       backlog was built on and this flush, so later, staler flushes count less.
     * ``clip``: as ``mean``, with the result's L2 norm clipped to ``clip_norm``.
     """
-    if rule == "sum":
+    rule = FlushRule.parse(rule)
+    if rule == FlushRule.SUM:
         return 1.0
-    if rule == "mean":
+    if rule == FlushRule.MEAN:
         return 1.0 / max(1, workers)
-    if rule == "staleness":
+    if rule == FlushRule.STALENESS:
         return 1.0 / (1.0 + max(0, staleness))
-    if rule == "clip":
-        scale = 1.0 / max(1, workers)
-        norm = scale * float(np.linalg.norm(delta.astype(np.float64, copy=False)))
-        return scale * min(1.0, clip_norm / norm) if norm > 0 else scale
-    raise ValueError(f"unknown flush rule {rule!r}; choose one of {list(FLUSH_RULES)}")
-
-
-@dataclass
-class Backlog:
-    """What a worker owes one shard while its server is down: sum and count, bounded."""
-    base: np.ndarray            # the shard as last pulled (what the worker offers for a rebuild)
-    base_version: int
-    bound: int                  # at most this many local steps owed
-    delta: np.ndarray = field(init=False)
-    count: int = 0              # local steps in ``delta``
-    steps: int = 0              # local steps taken, owed or not
-    compute_s: float = 0.0      # seconds of computation while detached
-    opened: float = field(default_factory=time.monotonic)
-    announced_full: bool = False
-
-    def __post_init__(self) -> None:
-        self.base = self.base.copy()
-        self.delta = np.zeros_like(self.base)
-
-    @property
-    def full(self) -> bool:
-        return self.count >= self.bound
-
-    def add(self, change: np.ndarray) -> bool:
-        """Owe one more local step's change; False (and nothing added) when full."""
-        if self.full:
-            return False
-        self.delta += change
-        self.count += 1
-        return True
+    scale = 1.0 / max(1, workers)  # clip
+    norm = scale * float(np.linalg.norm(delta.astype(np.float64, copy=False)))
+    return scale * min(1.0, clip_norm / norm) if norm > 0 else scale
 
 
 class RebuildWindow:
@@ -138,132 +129,76 @@ class RebuildWindow:
         return self.opened + self.window_s - now
 
 
-@dataclass
-class Reattached:
-    """What :meth:`TrainThrough.step` reports about a shard that came back."""
-    shard: int
-    version: int
-    resume_clock: int
+class StatelessRecovery(RecoveryStrategy):
+    """The server's side of stateless recovery: rebuild from the workers' offers (and
+    its own snapshot, with ``checkpointer``), then take their backlogs as FLUSH frames."""
 
+    name = "stateless"
+    owns = frozenset({Kind.FLUSH})
 
-class TrainThrough:
-    """The worker's side: local steps while detached, the backlogs, reattaching.
+    def __init__(self, window: RebuildWindow, rule: FlushRule | str, clip: float,
+                 checkpointer: Checkpointer | None = None):
+        self.window, self.rule, self.clip = window, FlushRule.parse(rule), clip
+        self.checkpointer = checkpointer
 
-    ``client`` is a :class:`~stalwart.worker.client.ParameterClient` made with
-    ``detachable=True``: when a shard's connection breaks, *every* shard lands in
-    ``client.detached`` instead of an exception. The worker goes local as a whole
-    because a partial detachment poisons the live shards: they would go on taking
-    gradients computed against N different local copies of the dead shard, and the
-    merged model would pair layers that never trained together. Detached as a whole,
-    each worker trains one consistent model; the merge is then an average of such
-    models (local SGD), which is known to work from a common starting point.
+    def bind(self, shard, serve, log) -> None:
+        super().bind(shard, serve, log)
+        if self.checkpointer is not None:
+            self.checkpointer.watch(shard)
 
-    Reattaching is all or nothing, the shards whose server died first (the others
-    answer at once): a worker never pushes to some shards while training others alone.
-    Called after every push/pull with the step's gradient and the model's flat
-    parameters.
-    """
+    def recover(self) -> None:
+        snap = self.checkpointer.load_newest() if self.checkpointer is not None else None
+        if snap is not None:  # a candidate among the workers' copies, not the state itself
+            self.window.offer("snapshot", snap.version, 0, snap.arrays["params"], time.monotonic())
 
-    def __init__(self, client, make_optimizer, *, bound: int, when_full: str, retry_s: float = 0.25,
-                 reconnect_s: float = 60.0, on_event=None):
-        if when_full not in FULL_POLICIES:
-            raise ValueError(f"unknown backlog policy {when_full!r}; choose one of {list(FULL_POLICIES)}")
-        self.client, self.make_optimizer = client, make_optimizer
-        self.bound, self.when_full = bound, when_full
-        self.retry_s, self.reconnect_s = retry_s, reconnect_s
-        self.on_event = on_event or (lambda *a, **k: None)
-        self.backlogs: dict[int, Backlog] = {}
-        self._optimizers: dict[int, object] = {}
-        self._scratch: dict[int, np.ndarray] = {}
-        self._next_try = 0.0
-        self.compute_while_down_s = 0.0  # worker-seconds of training while detached
-        self._last_call = time.monotonic()
+    def init(self, frame: Frame, values: np.ndarray, offered_version: int | None) -> int:
+        if offered_version is not None:
+            self._offer(frame.worker, offered_version, frame.clock, values)
+        resume = self.shard.apply_init(frame.worker, values)
+        if self.window.offered:
+            resume = max(resume, self.window.max_clock + 1)  # after the furthest worker's clock
+        return resume
 
-    def step(self, grad: np.ndarray, params: np.ndarray, clock: int) -> list[Reattached]:
-        """Train the detached shards locally on ``grad``; reattach when every one is back."""
-        # The time since the last step ended: this step's computation (not waiting).
-        busy_s, self._last_call = time.monotonic() - self._last_call, time.monotonic()
-        if not self.client.detached:
-            return []
-        self.compute_while_down_s += busy_s
-        back = []
-        shards = sorted(self.client.detached)
-        for s in shards:
-            if s not in self.backlogs:
-                self._open(s, params[self.client.bounds[s]:self.client.bounds[s + 1]])
-            self.backlogs[s].compute_s += busy_s
-        full = [s for s in shards if self.backlogs[s].full]
-        for s in full:
-            if not self.backlogs[s].announced_full:
-                self.backlogs[s].announced_full = True
-                self.on_event("backlog_full", shard=s, count=self.backlogs[s].count, policy=self.when_full)
-        if full and self.when_full == "wait":
-            back = self._wait_for(clock)
-        else:
-            for s in shards:
-                lo, hi = self.client.bounds[s], self.client.bounds[s + 1]
-                self._local_step(s, self.backlogs[s], params[lo:hi], grad[lo:hi])
-            if time.monotonic() >= self._next_try:
-                back = self._try_reattach(clock)
-        self._last_call = time.monotonic()
-        return back
+    def _offer(self, worker: int, version: int, clock: int, values: np.ndarray) -> None:
+        """A worker offers its copy; wait until the window closes, then the freshest copy
+        offered becomes the shard (by whichever offer sees it close first). Lock held."""
+        shard, window = self.shard, self.window
+        if shard.initialized or (version == 0 and window.best is None):
+            return  # rebuilt already, or the job's start (first offer wins): nothing to choose
+        window.offer(f"worker {worker}", version, clock, values, time.monotonic(), worker=worker)
+        shard.lock.notify_all()
+        while not shard.initialized and not shard.stopping and window.is_open:
+            left = window.time_left(time.monotonic())
+            if left <= 0:
+                shard.restore(Snapshot(shard.shard, window.best_version, True, {"params": window.best}))
+                window.best = None  # the copy is the shard now
+                self.log.emit("rebuilt", shard=shard.shard, version=shard.version, source=window.best_source,
+                              offers=len(window.offered), clock=window.max_clock)
+                return
+            shard.lock.wait(left)
 
-    def _open(self, s: int, shard_params: np.ndarray) -> Backlog:
-        version = self.client.versions[s]
-        backlog = self.backlogs[s] = Backlog(shard_params, version, self.bound)
-        self._optimizers[s] = self.make_optimizer(shard_params.size)
-        self._scratch[s] = np.empty_like(shard_params)
-        self._next_try = time.monotonic() + self.retry_s
-        self.on_event("detached", shard=s, base_version=version, bound=self.bound,
-                      lost_server=s in self.client.broken)
-        return backlog
+    def on_frame(self, session: Session, frame: Frame) -> None:
+        """FLUSH: apply a worker's backlog (the summed change of its local steps)."""
+        shard = self.shard
+        delta = shard.checked(frame)
+        meta = frame.meta or {}
+        count, base = meta.get("count"), meta.get("base_version")
+        if type(count) is not int or count < 0 or type(base) is not int or base < 0:
+            raise Refused(f"FLUSH needs integer count and base_version >= 0, got {count!r} and {base!r}")
+        with shard.lock:
+            if not shard.wait_initialized():
+                raise Refused(f"shard {shard.shard} holds no parameters to flush into")
+            staleness = max(0, shard.version - base)
+            scale = flush_scale(self.rule, delta, shard.workers, staleness, self.clip)
+            version = shard.apply_flush(delta, scale)
+        self.log.emit("flush_applied", shard=shard.shard, worker=frame.worker, count=count, base_version=base,
+                      staleness=staleness, scale=scale, rule=self.rule.value, version=version)
+        session.conn.send(Frame(Kind.PUSH_ACK, shard=shard.shard, worker=frame.worker, clock=version,
+                                meta={"staleness": staleness, "scale": scale}))
 
-    def _local_step(self, s: int, backlog: Backlog, shard_params: np.ndarray, shard_grad: np.ndarray) -> None:
-        change = self._scratch[s]
-        np.copyto(change, shard_params)
-        self._optimizers[s].step(shard_params, shard_grad)
-        np.subtract(shard_params, change, out=change)
-        backlog.steps += 1
-        backlog.add(change)  # refused when full: under "drop" the step stays local
+    def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
 
-    def _wait_for(self, clock: int) -> list[Reattached]:
-        """A backlog is full and the policy is to wait: retry until the shards are back."""
-        deadline = min(b.opened for b in self.backlogs.values()) + self.reconnect_s
-        while True:
-            back = self._try_reattach(clock)
-            if back:
-                return back
-            if time.monotonic() >= deadline:
-                from ..worker.client import ServerUnavailable
-                raise ServerUnavailable(f"shards {sorted(self.client.detached)} did not come back within "
-                                        f"{self.reconnect_s:g}s and the backlog is full ({self.bound} steps)")
-            time.sleep(min(self.retry_s, max(0.0, deadline - time.monotonic())))  # backoff, not sync
-
-    def _try_reattach(self, clock: int) -> list[Reattached]:
-        self._next_try = time.monotonic() + self.retry_s
-        # The shards that lost their server first: while one is still down, the others
-        # (whose servers never died) are not even dialled.
-        order = sorted(self.client.detached, key=lambda s: (s not in self.client.broken, s))
-        rebuilt = {}
-        try:
-            for s in order:
-                b = self.backlogs[s]
-                rebuilt[s] = self.client.reattach(s, b.base, b.base_version, clock)
-            flushed = {s: self.client.flush(s, self.backlogs[s].delta, self.backlogs[s].count,
-                                            self.backlogs[s].base_version) for s in order}
-        except (ConnectionError, OSError):
-            for s in order:
-                if s in self.client.detached:
-                    self.client.detach(s)
-            return []
-        back = []
-        for s in order:
-            b, (version, resume), answer = self.backlogs.pop(s), rebuilt[s], flushed[s]
-            del self._optimizers[s], self._scratch[s]
-            self.on_event("flushed", shard=s, base_version=b.base_version, rebuilt_version=version,
-                          version=answer["version"], count=b.count, local_steps=b.steps,
-                          compute_s=round(b.compute_s, 4), down_s=round(time.monotonic() - b.opened, 4),
-                          staleness=answer["staleness"], scale=answer["scale"],
-                          delta_norm=round(float(np.linalg.norm(b.delta)), 6))
-            back.append(Reattached(s, answer["version"], resume))
-        return back
+    def stats(self) -> dict:
+        return self.checkpointer.describe() if self.checkpointer is not None else {}

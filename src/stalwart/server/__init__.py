@@ -1,6 +1,6 @@
-"""The server role: one shard of parameters, its optimizer and its synchronization gate."""
+"""The server role: the wire in front of one shard (its state is :mod:`stalwart.shard`,
+its survival a :mod:`stalwart.recovery` strategy)."""
 
-from .optim import OPTIMIZERS, Adam, SGD, ServerOptimizer, build_optimizer
 from .server import ParameterServer
 
-__all__ = ["Adam", "OPTIMIZERS", "ParameterServer", "SGD", "ServerOptimizer", "build_optimizer"]
+__all__ = ["ParameterServer"]

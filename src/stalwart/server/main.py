@@ -8,72 +8,72 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 
+from ..config import JobConfig
 from ..control import CoordinatorClient
 from ..metrics import EventLog
-from ..recovery import Checkpointer
+from ..optim import optimizer_from_config
+from ..recovery import CheckpointRecovery, Checkpointer, RecoveryStrategy
+from ..recovery.chain import ChainRecovery
+from ..recovery.stateless import RebuildWindow, StatelessRecovery
+from ..shard import ShardState
+from ..spec import HOST_ENV, RoleSpec, token_from_env
 from ..sync import parse_policy
 from ..transport import get_transport
-from ..recovery.chain import ChainReplica, join_chain
-from ..recovery.stateless import RebuildWindow
-from .optim import optimizer_from_config
 from .server import ParameterServer, serve_until
 
 
-def run_server(spec, index: int) -> int:
-    from ..launch.spec import HOST_ENV, token_from_env
-    job, token = spec.job, token_from_env()
+def recovery_from_config(job: JobConfig, run_dir: str, index: int, shard: int, log: EventLog,
+                         control: CoordinatorClient, token: bytes) -> RecoveryStrategy:
+    """The strategy the job's ``recovery`` section names, for server process ``index``."""
     r = job.recovery
-    shard = index // r.replicas_per_shard
-    log = EventLog.for_role(spec.run_dir, "server", index)
-    size = spec.bounds[shard + 1] - spec.bounds[shard]
-    optimizer = optimizer_from_config(job.optimizer, size)
-    policy = parse_policy(job.sync.policy)(job.cluster.workers, size, leader=shard == 0)
     checkpointer = None
     if r.strategy == "checkpoint" or (r.strategy == "stateless" and r.snapshot):
-        checkpointer = Checkpointer(r.dir or Path(spec.run_dir) / "checkpoints", shard, log,
+        checkpointer = Checkpointer(r.dir or Path(run_dir) / "checkpoints", shard, log,
                                     every_updates=r.every_updates, every_s=r.every_s, keep=r.keep)
+    if r.strategy == "checkpoint":
+        return CheckpointRecovery(checkpointer)
+    if r.strategy == "stateless":
+        return StatelessRecovery(RebuildWindow(job.cluster.workers, r.rebuild_window_s), r.flush_rule,
+                                 r.flush_clip, checkpointer)
+    if r.strategy == "chain":
+        return ChainRecovery(index, control, token, job.cluster.transport, r.mode, r.every_updates or 0)
+    return RecoveryStrategy()
+
+
+def run_server(spec: RoleSpec, index: int) -> int:
+    job, token = spec.job, token_from_env()
+    shard = index // job.recovery.replicas_per_shard
+    log = EventLog.for_role(spec.run_dir, "server", index)
+    size = spec.bounds[shard + 1] - spec.bounds[shard]
+    state = ShardState(shard, size, optimizer_from_config(job.optimizer, size),
+                       parse_policy(job.sync.policy)(job.cluster.workers, size, leader=shard == 0),
+                       job.cluster.workers, log)
+    control = CoordinatorClient(spec.coordinator, token, "server", index)
+    recovery = recovery_from_config(job, spec.run_dir, index, shard, log, control, token)
     # A launcher that places roles on hosts of their own (netlab) says where this one is.
     host = os.environ.get(HOST_ENV) or job.cluster.host
     listener = get_transport(job.cluster.transport, job.ltp, shm=job.cluster.shm).listen(host, 0)
-    server = ParameterServer(listener, token, log, shard=shard, size=size, optimizer=optimizer,
-                             policy=policy, workers=job.cluster.workers, checkpointer=checkpointer)
-    if r.strategy == "stateless":
-        server.attach_stateless(RebuildWindow(job.cluster.workers, r.rebuild_window_s), r.flush_rule, r.flush_clip)
-    if checkpointer is not None and (loaded := checkpointer.load_newest()) is not None:
-        if server.rebuild is not None and "params" in loaded[1]:  # stateless: a candidate among the workers' copies
-            server.rebuild.offer("snapshot", loaded[0], 0, loaded[1]["params"], time.monotonic())
-        else:
-            server.restore(*loaded)
+    server = ParameterServer(listener, token, log, state, recovery)
+    recovery.recover()
     done = threading.Event()
-    control = CoordinatorClient(spec.coordinator, token, "server", index)
-    chain = None
-    if r.strategy == "chain":
-        chain = ChainReplica(server, index, control, token, job.cluster.transport, r.mode, r.every_updates or 0)
-        server.attach_chain(chain)
 
-    def on_state(state: str) -> None:
-        if state in ("stopping", "shutdown"):
-            server.stop_waiting()
-        if state == "shutdown":
+    def on_state(job_state: str) -> None:
+        if job_state in ("stopping", "shutdown"):
+            state.stop_waiting()
+        if job_state == "shutdown":
             done.set()
 
     server.start()
     control.register(address=server.address)
     control.start_heartbeats(job.cluster.heartbeat_s, stats=server.snapshot_stats, on_state=on_state)
     threading.Thread(target=lambda: control.lost.wait() and done.set(), daemon=True).start()
-    if chain is not None:
-        join_chain(server, chain)  # returns at once for a member of the first chain
-        chain.start()
+    recovery.start()
     serve_until(server, done)
     if control.lost.is_set() and control.state != "shutdown":
         log.emit("coordinator_lost")
-    if chain is not None:
-        chain.close()
-    if checkpointer is not None:
-        checkpointer.close()
+    recovery.close()
     control.close()
     log.close()
     return 0

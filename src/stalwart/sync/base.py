@@ -87,8 +87,16 @@ class SyncPolicy(ABC):
         events, self._events = self._events, []
         return events
 
-    def describe(self) -> dict:
-        return {"policy": self.name, "leader": self.leader, "active": sorted(self.active)}
+    def state_dict(self) -> dict:
+        """Everything this policy decides from, declared: plain values (msgpack-able, int
+        keys allowed) and NumPy arrays. A chain's state transfer and a checkpoint carry
+        exactly this; what the job configured (workers, leader, bounds) is not state, and
+        neither are the events not yet drained. Subclasses extend both methods."""
+        return {"active": sorted(self.active), "clocks": dict(self.clocks)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.active = {int(w) for w in state["active"]}
+        self.clocks = {int(w): int(c) for w, c in state["clocks"].items()}
 
     def _slowest_clock(self) -> int:
         """The last clock pushed by the slowest active worker (-1 before its first push)."""

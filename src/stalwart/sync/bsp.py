@@ -87,5 +87,14 @@ class BSP(SyncPolicy):
             self.synced = False
         return update
 
-    def describe(self) -> dict:
-        return {**super().describe(), "clock": self.clock, "pushed": sorted(self.pushed)}
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "clock": self.clock, "done_clock": self.done_clock,
+                "pushed": sorted(self.pushed), "sum": self._sum, "synced": self.synced,
+                "rejoining": sorted(self.rejoining)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.clock, self.done_clock = int(state["clock"]), int(state["done_clock"])
+        self.pushed, self.rejoining = set(state["pushed"]), set(state["rejoining"])
+        np.copyto(self._sum, state["sum"])
+        self.synced = bool(state["synced"])

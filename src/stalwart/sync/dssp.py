@@ -64,5 +64,13 @@ class DSSP(SSP):
             return self.staleness  # the slowest moved (or left): grants are decided anew
         return self.staleness + self.grants.get(worker, 0)
 
-    def describe(self) -> dict:
-        return {**super().describe(), "extra": self.extra, "grants": dict(self.grants)}
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "last_push": dict(self.last_push), "interval": dict(self.interval),
+                "grants": dict(self.grants), "granted_at": self._granted_at}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.last_push = {int(w): float(t) for w, t in state["last_push"].items()}
+        self.interval = {int(w): float(t) for w, t in state["interval"].items()}
+        self.grants = {int(w): int(r) for w, r in state["grants"].items()}
+        self._granted_at = int(state["granted_at"])

@@ -155,6 +155,17 @@ class ElasticBSP(ApplyEveryPush):
             "zipline_s": plan["search_s"],
         }))
 
-    def describe(self) -> dict:
-        return {**super().describe(), "lookahead": self.lookahead, "released": self.released,
-                "plan": None if self.plan is None else self.plan["clocks"]}
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "released": self.released, "arrivals": self.arrivals,
+                "waiting": dict(self.waiting), "barriers": self.barriers,
+                "recent": {w: [list(p) for p in pushes] for w, pushes in self.recent.items()},
+                "plan": self.plan}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.released, self.barriers = int(state["released"]), int(state["barriers"])
+        self.arrivals = {int(b): {int(w): float(t) for w, t in arrived.items()}
+                         for b, arrived in state["arrivals"].items()}
+        self.waiting = {int(w): int(b) for w, b in state["waiting"].items()}
+        self.recent = {int(w): [(int(c), float(t)) for c, t in pushes] for w, pushes in state["recent"].items()}
+        self.plan = state["plan"]

@@ -27,6 +27,3 @@ class SSP(ApplyEveryPush):
 
     def may_proceed(self, worker: int, clock: int) -> bool:
         return clock - self._slowest_clock() <= self.bound(worker)
-
-    def describe(self) -> dict:
-        return {**super().describe(), "staleness": self.staleness, "slowest": self._slowest_clock()}

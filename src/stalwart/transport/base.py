@@ -3,8 +3,8 @@
 In the spirit of ps-lite's ``Van``, a transport is small: ``listen`` and ``connect``
 produce :class:`Connection` objects, and a connection ``send``s and ``recv``s frames.
 Authentication (:mod:`stalwart.transport.auth`) and retransmission live above this
-layer, so every transport (TCP today; loss-tolerant UDP and shared memory later) gets
-them for free.
+layer, so every transport (TCP with its shared-memory path, and LTP's UDP pushes beside
+a TCP stream) gets them for free.
 """
 
 from __future__ import annotations

@@ -19,6 +19,16 @@ from .base import Connection, Listener
 from .frame import Frame, Kind, ProtocolError
 
 
+class Refused(Exception):
+    """A well-formed request whose content is refused (a NaN gradient, a clock from the
+    past): the peer gets an ERROR frame naming ``reason`` and the connection stays open.
+    ``meta`` goes into the ERROR frame beside the reason (``redirect``, ``retry``)."""
+
+    def __init__(self, reason: str, **meta):
+        super().__init__(reason)
+        self.reason, self.meta = reason, meta
+
+
 class Session:
     """Per-connection state a handler may keep (who the peer is, its buffers)."""
 
@@ -48,6 +58,11 @@ class FrameService:
 
     def on_disconnect(self, session: Session) -> None:
         pass
+
+    def refuse(self, session: Session, frame: Frame, refused: Refused) -> None:
+        """Answer a refused request with an ERROR frame naming the reason; the session goes on."""
+        self.log.emit("rejected", peer=session.conn.peer, worker=frame.worker, reason=refused.reason)
+        session.conn.send(Frame(Kind.ERROR, shard=frame.shard, meta={"reason": refused.reason, **refused.meta}))
 
     # --- machinery ----------------------------------------------------------------
     def start(self) -> "FrameService":
@@ -84,7 +99,10 @@ class FrameService:
         try:
             while not self._closed.is_set():
                 frame = conn.recv(lambda f: self.payload_sink(session, f))
-                self.handle(session, frame)
+                try:
+                    self.handle(session, frame)
+                except Refused as refused:
+                    self.refuse(session, frame, refused)
         except ProtocolError as exc:
             self.log.emit("rejected", peer=conn.peer, worker=session.worker, reason=str(exc))
             try:

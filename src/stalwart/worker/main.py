@@ -15,14 +15,14 @@ from ..data import load_dataset, shard_indices
 from ..faults import Straggler, parse_straggler
 from ..metrics import EventLog
 from ..models import build_model
-from ..recovery.stateless import TrainThrough
-from ..server.optim import optimizer_from_config
+from .trainthrough import TrainThrough
+from ..optim import optimizer_from_config
 from .client import JobStopping, ParameterClient, ServerUnavailable
 from .optimizer import ParameterServerOptimizer
 
 
 def run_worker(spec, index: int) -> int:
-    from ..launch.spec import token_from_env
+    from ..spec import token_from_env
     job, token = spec.job, token_from_env()
     torch.set_num_threads(1)  # N workers share the cores; one thread each avoids thrashing
     log = EventLog.for_role(spec.run_dir, "worker", index)

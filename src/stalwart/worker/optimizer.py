@@ -31,7 +31,7 @@ How it works, and why:
   that was itself restarted learns from the servers, on its first ``step()``, the clock
   to continue from, so it rejoins the barrier being collected instead of clock 0.
 * **Training through a dead server.** With stateless recovery (``train_through``, a
-  :class:`~stalwart.recovery.stateless.TrainThrough`), a shard whose server died is
+  :class:`~stalwart.worker.trainthrough.TrainThrough`), a shard whose server died is
   trained locally inside ``step()`` while it is down, and merged back when a server is
   there again; the loop above does not notice, except that it never stops.
 * **Clean endings.** When the job stops, ``step()`` raises

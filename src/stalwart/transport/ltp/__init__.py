@@ -25,10 +25,11 @@ gradient. LTP lets a bounded fraction of a push be lost and closes rounds early:
   up to 64 KiB, and NumPy over the packet headers.
 
 Chosen with ``--transport ltp``; settings in the ``ltp:`` section of the job config
-(:class:`stalwart.config.LtpConfig`), all decided by the server and told to clients
+(:class:`.config.LtpConfig`), all decided by the server and told to clients
 in the handshake.
 """
 
+from .config import LtpConfig
 from .transport import LtpClientConnection, LtpListener, LtpServerConnection, LtpTransport
 
-__all__ = ["LtpClientConnection", "LtpListener", "LtpServerConnection", "LtpTransport"]
+__all__ = ["LtpClientConnection", "LtpConfig", "LtpListener", "LtpServerConnection", "LtpTransport"]

@@ -30,6 +30,7 @@ from ..base import ConnectionClosed, Listener, PayloadSink, Transport, Connectio
 from ..frame import Frame, Kind, ProtocolError
 from ..tcp import TcpConnection, TcpListener, TcpTransport
 from . import hadamard
+from .config import LtpConfig
 from .packet import (ACK, CLOSED, DATA, HEADER_SIZE, LAST, MUST, RESEND, RETX, PacketBuffer, PacketError,
                      decode_ack, encode_ack, packet_count, parse_batch, payload_per_packet)
 from .pacing import BottleneckMeter, Pacer
@@ -42,10 +43,7 @@ EOF_CHECK_S = 0.1
 
 
 def _options(options: Any) -> Any:
-    if options is None:
-        from ...config import LtpConfig
-        return LtpConfig()
-    return options
+    return LtpConfig() if options is None else options
 
 
 class _OverTcp(Connection):

@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import JobConfig
+from .config import JobConfig
 
 TOKEN_ENV = "STALWART_TOKEN"
 LISTEN_FD_ENV = "STALWART_LISTEN_FD"
