@@ -90,6 +90,10 @@ class Coordinator(FrameService):
             except TypeError as exc:
                 reply = {"error": f"bad arguments for {op!r}: {exc}"}
         session.conn.send(Frame(Kind.REPLY, meta=reply))
+        if self.state == "shutdown":
+            # Only once the reply is out: the serving loop closes every connection then,
+            # and the one who asked must not see its connection cut instead of the answer.
+            self._shutdown.set()
 
     # --- ops ---------------------------------------------------------------------
     def op_register(self, role: str, index: int, address: str | None = None,
@@ -208,9 +212,7 @@ class Coordinator(FrameService):
         return self._set_state("stopping", reason)
 
     def op_shutdown(self, reason: str = "requested") -> dict:
-        reply = self._set_state("shutdown", reason)
-        self._shutdown.set()
-        return reply
+        return self._set_state("shutdown", reason)  # the loop stops once this is answered
 
     # --- internals ---------------------------------------------------------------
     def _map_complete(self) -> bool:
