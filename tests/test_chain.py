@@ -17,6 +17,7 @@ from stalwart.shard import ShardState
 from stalwart.sync import parse_policy
 from stalwart.transport import Frame, Kind, TcpTransport, dial
 from stalwart.worker.client import ParameterClient
+from stalwart.worker.failover import Reconnect
 
 SIZE = 256
 TOKEN = b"c" * 32
@@ -70,7 +71,7 @@ class Chain:
     def client(self) -> ParameterClient:
         heads = self.control.shard_map(5.0)
         return ParameterClient(heads, [0, SIZE], TOKEN, worker=0, tails=self.control.tails,
-                               resolve=lambda failed: self.control.relocate(failed), reconnect_s=5.0)
+                               failover=Reconnect(lambda failed: self.control.relocate(failed), 5.0))
 
     def close(self) -> None:
         for r in self.replicas.values():

@@ -157,6 +157,7 @@ class Job:
     # --- the driver loop -----------------------------------------------------------
     def _drive(self, cluster: Cluster, model, ds, log: EventLog, progress: Progress) -> str:
         from ..worker.client import ParameterClient, ServerError
+        from ..worker.failover import NoFailover, Reconnect
         from ..worker.evaluator import Evaluator
         c = self.config
 
@@ -196,8 +197,8 @@ class Job:
                                  locate=locate)
         # The driver must never block long on a dead server: it is the one that restarts it.
         client = ParameterClient(shards, spec.bounds, token, transport=c.cluster.transport, tails=control.tails,
-                                 resolve=lambda failed: control.relocate(failed, timeout_s=0.5),
-                                 reconnect_s=0.25 if c.recovery.strategy != "none" else 0.0)
+                                 failover=(NoFailover if c.recovery.strategy == "none" else Reconnect)(
+                                     lambda failed: control.relocate(failed, timeout_s=0.5), 0.25))
         evaluator = Evaluator(model, ds.x_test, ds.y_test, client)
 
         tensorboard = TensorBoardSink(c.tensorboard) if c.tensorboard is not None else None

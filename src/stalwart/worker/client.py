@@ -8,33 +8,23 @@ model's own storage.
 With chain replication a shard has two ends: pushes go to its head and pulls to its
 tail (``tails``), on two connections; without, both go to the one server.
 
-When a shard's connection breaks (its server died) and the client was given a way to
-find servers (``resolve``: report the broken addresses to the coordinator, read the
-shard map) and a time budget, it redials with bounded exponential backoff; on the new
-connection it offers its own parameters (a server restarted with no state of its own
-keeps the first offer; one restored from a checkpoint or a chain ignores it), resends
-the push it was making (a chain recognizes a push it already holds), and pulls. Each
-recovery is reported through ``on_event``.
-
-With ``detachable`` (stateless servers, :mod:`stalwart.recovery.stateless`) a broken
-shard is not waited for: every shard joins ``detached`` (the worker goes local as a
-whole, see there why), later requests skip them, and the owner trains them locally
-until :meth:`reattach` and :meth:`flush` bring them back.
+What happens when a shard's connection breaks (its server died) is the client's
+:class:`~stalwart.worker.failover.Failover`: fail, reconnect and redo the request (a
+chain recognizes a push it already holds), or detach every shard for the owner to
+train locally until :meth:`ParameterClient.reattach` and :meth:`ParameterClient.flush`
+bring them back (stateless servers).
 """
 
 from __future__ import annotations
 
 import select
 import time
-from typing import Callable, TypeVar
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..transport import NO_WORKER, Connection, Flag, Frame, Kind, ProtocolError, dial
-
-BACKOFF_FIRST_S = 0.02
-BACKOFF_MAX_S = 1.0
-T = TypeVar("T")
+from .failover import Failover, NoFailover, ServerUnavailable
 
 
 class ServerError(RuntimeError):
@@ -45,27 +35,39 @@ class JobStopping(Exception):
     """The servers say the job is stopping: finish up, do not wait for more."""
 
 
-class ServerUnavailable(ConnectionError):
-    """A shard's server could not be reached again within the reconnect budget."""
-
-
 class Redirect(ConnectionError):
     """The server is no longer the shard's head: find the shard again."""
 
 
+@dataclass
+class Request:
+    """One push and/or pull to every shard: the views to send from and receive into."""
+    grads: list[memoryview] | None
+    targets: list[memoryview] | None
+    clock: int
+    wait: bool
+    pull_meta: dict | None
+
+
 class ParameterClient:
+    """A worker's (or observer's) data-plane handle on every shard of a job.
+
+    ``shards`` are where to push, per shard (a chain's head), ``tails`` where to pull
+    (a strong chain's tail; the same servers without chains) and ``bounds`` the shard
+    boundaries in the flat parameter vector. ``failover`` says what a broken shard
+    connection does to a request (:mod:`stalwart.worker.failover`; by default it fails
+    it). One request at a time: :meth:`push_pull` sends to every shard first and then
+    reads the replies frame by frame as they arrive.
+    """
+
     def __init__(self, shards: list[str], bounds: list[int], token: bytes, *,
                  worker: int = NO_WORKER, transport: str = "tcp", timeout: float = 10.0,
-                 tails: list[str] | None = None,
-                 resolve: Callable[[list[str]], tuple[list[str], list[str]]] | None = None,
-                 reconnect_s: float = 0.0, on_event: Callable[..., None] | None = None,
-                 detachable: bool = False):
+                 tails: list[str] | None = None, failover: Failover | None = None):
         if len(bounds) != len(shards) + 1:
             raise ValueError(f"{len(shards)} shards need {len(shards) + 1} bounds, got {len(bounds)}")
         self.worker, self.bounds = worker, bounds
         self.token, self.transport, self.timeout = token, transport, timeout
-        self.resolve, self.reconnect_s, self.on_event = resolve, reconnect_s, on_event
-        self.detachable = detachable
+        self.failover = failover if failover is not None else NoFailover()
         self.broken: set[int] = set()              # detached shards that lost their server
         self._detached: dict[int, tuple[float, list[str]]] = {}  # shard -> (since, failed peers)
         self.conns: list[Connection] = []       # pushes (a chain's head)
@@ -73,13 +75,13 @@ class ParameterClient:
         try:
             for s, address in enumerate(shards):
                 try:
-                    self._connect(s, address, (tails or shards)[s])
+                    self.connect(s, address, (tails or shards)[s])
                 except (ConnectionError, OSError):
                     # Its server died between the map and the dial (a worker that starts,
                     # or restarts, while a server is down): find it as after a break.
-                    if self.resolve is None or self.reconnect_s <= 0:
+                    if not self.failover.can_reach:
                         raise
-                    self._reach(s, [address], lambda: None)
+                    self.failover.reach(self, s, [address], lambda: None)
         except BaseException:
             self.close()
             raise
@@ -99,7 +101,8 @@ class ParameterClient:
         return dial(address, self.token, self.transport, self.timeout,
                     max_payload=(self.bounds[s + 1] - self.bounds[s]) * 4)
 
-    def _connect(self, s: int, head: str, tail: str) -> None:
+    def connect(self, s: int, head: str, tail: str) -> None:
+        """(Re)open shard ``s``'s connections: pushes to ``head``, pulls from ``tail``."""
         push = self._dial(s, head)
         pull = push if tail == head else self._dial(s, tail)
         if s < len(self.conns):
@@ -108,7 +111,10 @@ class ParameterClient:
             self.conns.append(push)
             self.pull_conns.append(pull)
 
-    def _disconnect(self, s: int) -> list[str]:
+    def has_connection(self, s: int) -> bool:
+        return s < len(self.conns)
+
+    def disconnect(self, s: int) -> list[str]:
         """Close shard ``s``'s connections; returns their peers' addresses."""
         peers = []
         for conn in {id(c): c for c in (self.conns[s], self.pull_conns[s])}.values():
@@ -173,41 +179,38 @@ class ParameterClient:
         targets = self._views(params) if params is not None else None
         self.seq += 1
         self.pushes_sent += grads is not None
-        pull_meta = {"hint": self.hint} if self.hint is not None and wait else None
+        request = Request(grads, targets, clock, wait, {"hint": self.hint} if self.hint is not None and wait else None)
         broken: set[int] = set()
         pending: list[int] = []
         for s in (s for s in range(self.shards) if s not in self.detached):
             try:
-                self._send(s, grads, targets, clock, wait, pull_meta)
+                self._send(s, request)
                 pending.append(s)
             except (ConnectionError, OSError):
                 broken.add(s)
         hint = None
-        owed = {s: self._owed(grads, targets) for s in pending}
-        while owed or (broken and not self.detachable):
-            if broken and not self.detachable:
-                # Redo a lost shard's request before waiting on the others: their replies
-                # may wait on a barrier that other workers reach only once the restarted
-                # server has seen this worker's request (see _ready).
-                for s in sorted(broken):
-                    hint = self._recover(s, grads, targets, clock, wait, pull_meta, hint)
-                broken.clear()
-                continue
-            for s, conn in self._ready(owed):
+        gone: set[int] = set()  # broken, and left so by the failover
+        owed = {s: self._owed(request) for s in pending}
+        while owed or broken:
+            # A lost shard is dealt with before the others are waited on (see Reconnect).
+            for s in sorted(broken):
+                redone, hint = self.failover.broken(self, s, request, hint)
+                if not redone:
+                    gone.add(s)
+            broken.clear()
+            for s, conn in self._ready(owed) if owed else ():
                 if s not in owed:
                     continue  # broke on its other connection just now
                 try:
-                    hint = self._take(s, conn, grads, targets, owed[s], hint)
+                    hint = self._take(s, conn, request, owed[s], hint)
                 except (ConnectionError, OSError):
                     broken.add(s)
                     del owed[s]
                     continue
                 if not owed[s]:
                     del owed[s]
-        if broken:  # only a detachable client gets here with shards broken
-            self.broken |= broken
-            for s in range(self.shards):
-                self.detach(s)
+        if gone:
+            self.failover.settle(self, gone)
         if grads is not None:
             self.hint = hint
         return list(self.versions)
@@ -236,32 +239,41 @@ class ParameterClient:
             poller.register(fd, select.POLLIN)
         return [waiting[fd] for fd, _ in poller.poll()]
 
-    def _send(self, s: int, grads, targets, clock: int, wait: bool, pull_meta: dict | None) -> None:
-        if grads is not None:
-            self.conns[s].send(Frame(Kind.PUSH, shard=s, worker=self.worker, seq=self.seq, clock=clock,
-                                     meta=None if self.hint is None else {"hint": self.hint}), grads[s])
-        if targets is not None:
-            flags = (0 if wait else Flag.ASYNC_PULL) | (Flag.AFTER_PUSH if grads is not None else 0)
-            self.pull_conns[s].send(Frame(Kind.PULL, shard=s, worker=self.worker, seq=self.seq, clock=clock,
-                                          flags=flags, meta=pull_meta))
+    def _send(self, s: int, request: Request) -> None:
+        if request.grads is not None:
+            self.conns[s].send(Frame(Kind.PUSH, shard=s, worker=self.worker, seq=self.seq, clock=request.clock,
+                                     meta=None if self.hint is None else {"hint": self.hint}), request.grads[s])
+        if request.targets is not None:
+            flags = (0 if request.wait else Flag.ASYNC_PULL) | (Flag.AFTER_PUSH if request.grads is not None else 0)
+            self.pull_conns[s].send(Frame(Kind.PULL, shard=s, worker=self.worker, seq=self.seq, clock=request.clock,
+                                          flags=flags, meta=request.pull_meta))
 
     @staticmethod
-    def _owed(grads, targets) -> set[str]:
+    def _owed(request: Request) -> set[str]:
         """What a request's reply consists of: a push acknowledgement, parameters, or both."""
-        return {name for name, asked in (("ack", grads), ("params", targets)) if asked is not None}
+        return {name for name, asked in (("ack", request.grads), ("params", request.targets)) if asked is not None}
 
-    def _receive(self, s: int, grads, targets, hint: dict | None) -> dict | None:
-        """Shard ``s``'s whole reply, waiting for each part in turn."""
-        owed = self._owed(grads, targets)
+    def redo(self, s: int, request: Request, hint: dict | None) -> tuple[int | None, dict | None]:
+        """On shard ``s``'s new connection: offer our parameters (a worker's), send the
+        request again and read its whole reply; returns (the version the shard resumed
+        from, if offered; the hint so far)."""
+        found = None
+        if self.worker != NO_WORKER and request.targets is not None:
+            self.conns[s].send(Frame(Kind.INIT, shard=s, worker=self.worker),
+                               request.targets[s])
+            found = self._recv(s, Kind.PUSH_ACK).clock  # the version the shard resumed from
+        self._send(s, request)
+        owed = self._owed(request)
         while owed:
             conn = self.conns[s] if "ack" in owed else self.pull_conns[s]
-            hint = self._take(s, conn, grads, targets, owed, hint)
-        return hint
+            hint = self._take(s, conn, request, owed, hint)
+        return found, hint
 
-    def _take(self, s: int, conn: Connection, grads, targets, owed: set[str], hint: dict | None) -> dict | None:
+    def _take(self, s: int, conn: Connection, request: Request, owed: set[str], hint: dict | None) -> dict | None:
         """Read one frame of shard ``s``'s reply from ``conn`` and strike what it answers
         off ``owed``. On one connection for both, the parameters may come first (a chain's
         head acknowledges a push only once the tail holds it, and may answer the pull before)."""
+        grads, targets = request.grads, request.targets
         if conn is self.conns[s] and "ack" in owed:
             either = "params" in owed and conn is self.pull_conns[s]
             frame = self._recv(s, Kind.PUSH_ACK, targets[s] if either else None,
@@ -283,55 +295,11 @@ class ParameterClient:
             self.pushes_acked += 1
         return (frame.meta or {}).get("hint", hint)
 
-    def _recover(self, s: int, grads, targets, clock: int, wait: bool, pull_meta: dict | None,
-                 hint: dict | None) -> dict | None:
-        """Shard ``s``'s connection broke: find its server again and redo this request there."""
-        failed = self._disconnect(s)
-        if self.resolve is None or self.reconnect_s <= 0:
-            raise ServerUnavailable(f"lost the connection to shard {s} and reconnecting is off "
-                                    f"(recovery strategy none)")
-        last_acked, t0 = self.acked_versions[s], time.monotonic()
-
-        def redo() -> tuple[int | None, dict | None]:
-            found = None
-            if self.worker != NO_WORKER and targets is not None:
-                self.conns[s].send(Frame(Kind.INIT, shard=s, worker=self.worker), targets[s])
-                found = self._recv(s, Kind.PUSH_ACK).clock  # the version the shard resumed from
-            self._send(s, grads, targets, clock, wait, pull_meta)
-            return found, self._receive(s, grads, targets, hint)
-
-        attempts, (found, hint) = self._reach(s, failed, redo)
-        if self.on_event is not None:
-            self.on_event("reconnected", shard=s, attempts=attempts, waited_s=round(time.monotonic() - t0, 4),
-                          last_acked_version=last_acked, found_version=found, server_version=self.versions[s])
-        return hint
-
-    def _reach(self, s: int, failed: list[str], then: Callable[[], T]) -> tuple[int, T]:
-        """Find shard ``s``'s server (report ``failed``, read the map, dial) and run ``then``
-        on the new connection, retrying both with bounded exponential backoff within the
-        reconnect budget; returns (attempts, what ``then`` returned)."""
-        t0 = time.monotonic()
-        delay, attempts = BACKOFF_FIRST_S, 0
-        while True:
-            attempts += 1
-            try:
-                heads, tails = self.resolve(failed)
-                self._connect(s, heads[s], tails[s])
-                return attempts, then()
-            except (ConnectionError, OSError):
-                if s < len(self.conns):
-                    failed = self._disconnect(s)
-            if time.monotonic() - t0 + delay > self.reconnect_s:
-                raise ServerUnavailable(f"shard {s} did not come back within {self.reconnect_s:g}s "
-                                        f"({attempts} attempts)")
-            time.sleep(delay)  # backoff between attempts to reach a restarting server
-            delay = min(2 * delay, BACKOFF_MAX_S)
-
     # --- stateless servers: detach, reattach, flush --------------------------------------
     def detach(self, s: int) -> None:
         """Stop talking to shard ``s`` until it is reattached (and leave its sync gate:
         the server sees this worker go, so no barrier waits for it meanwhile)."""
-        peers = [p for p in self._disconnect(s) if p]
+        peers = [p for p in self.disconnect(s) if p]
         since, failed = self._detached.get(s, (time.monotonic(), []))
         self._detached[s] = (since, failed or peers)
 
@@ -339,16 +307,15 @@ class ParameterClient:
         """Find shard ``s`` again and offer ``base`` (our copy, at ``version``) for its
         rebuild; returns (the version it was rebuilt at, the clock to continue from)."""
         since, failed = self._detached[s]
-        heads, tails = self.resolve(failed)
-        self._connect(s, heads[s], tails[s])
+        heads, tails = self.failover.resolve(failed)
+        self.connect(s, heads[s], tails[s])
         self.conns[s].send(Frame(Kind.INIT, shard=s, worker=self.worker, clock=clock,
                                  meta={"version": version}), memoryview(base).cast("B"))
         ack = self._recv(s, Kind.PUSH_ACK)
         resume = (ack.meta or {}).get("resume_clock", 0)
-        if self.on_event is not None:
-            self.on_event("reconnected", shard=s, attempts=None, waited_s=round(time.monotonic() - since, 4),
-                          last_acked_version=self.acked_versions[s], found_version=ack.clock,
-                          server_version=ack.clock)
+        self.failover.on_event("reconnected", shard=s, attempts=None, waited_s=round(time.monotonic() - since, 4),
+                               last_acked_version=self.acked_versions[s], found_version=ack.clock,
+                               server_version=ack.clock)
         return ack.clock, resume if type(resume) is int and resume >= 0 else 0
 
     def flush(self, s: int, delta: np.ndarray, count: int, base_version: int) -> dict:

@@ -17,7 +17,8 @@ from ..metrics import EventLog
 from ..models import build_model
 from .trainthrough import TrainThrough
 from ..optim import optimizer_from_config
-from .client import JobStopping, ParameterClient, ServerUnavailable
+from .client import JobStopping, ParameterClient
+from .failover import Detach, NoFailover, Reconnect, ServerUnavailable
 from .optimizer import ParameterServerOptimizer
 
 
@@ -53,10 +54,10 @@ def run_worker(spec, index: int) -> int:
 
     r = job.recovery
     try:
+        policy = {"none": NoFailover, "stateless": Detach}.get(r.strategy, Reconnect)
         client = ParameterClient(control.shard_map(), spec.bounds, token, worker=index, tails=control.tails,
-                                 transport=job.cluster.transport, resolve=resolve,
-                                 reconnect_s=r.reconnect_s if r.strategy != "none" else 0.0, on_event=log.emit,
-                                 detachable=r.strategy == "stateless")
+                                 transport=job.cluster.transport,
+                                 failover=policy(resolve, r.reconnect_s, on_event=log.emit))
     except JobStopping:  # the job ended while this worker was still finding its servers
         log.emit("worker_stop", reason="job stopping", iterations=0)
         control.close()

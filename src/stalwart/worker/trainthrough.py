@@ -59,7 +59,7 @@ class TrainThrough:
     """The worker's side: local steps while detached, the backlogs, reattaching.
 
     ``client`` is a :class:`~stalwart.worker.client.ParameterClient` made with
-    ``detachable=True``: when a shard's connection breaks, *every* shard lands in
+    a :class:`~stalwart.worker.failover.Detach` failover: when a shard's connection breaks, *every* shard lands in
     ``client.detached`` instead of an exception. The worker goes local as a whole
     because a partial detachment poisons the live shards: they would go on taking
     gradients computed against N different local copies of the dead shard, and the
