@@ -6,6 +6,8 @@ lazy import that hides a cycle at run time is found here too.
 
 import ast
 import functools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,11 @@ def test_dependencies_point_one_way(lower, upper):
     bad = {m: sorted(w for w in reaches(graph, m) if w == upper or w.startswith(upper + "."))
            for m in starts}
     assert {m: w for m, w in bad.items() if w} == {}
+
+
+def test_servers_and_the_coordinator_start_without_torch():
+    # A restarted server must be back within a second or so; importing torch costs seconds.
+    probe = ("import sys, stalwart.launch.role, stalwart.server.main, stalwart.control.main; "
+             "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"

@@ -11,7 +11,7 @@ import pytest
 from stalwart.control import Coordinator, CoordinatorClient
 from stalwart.metrics import EventLog
 from stalwart.optim import build_optimizer
-from stalwart.recovery.chain import ChainRecovery
+from stalwart.recovery.chain import ChainRecovery, Member
 from stalwart.server.server import ParameterServer
 from stalwart.shard import ShardState
 from stalwart.sync import parse_policy
@@ -66,7 +66,7 @@ class Chain:
         self.control = CoordinatorClient(self.coordinator.address, TOKEN, "test", 0)
 
     def members(self) -> list[int]:
-        return [m[0] for m in self.control.call("chain", shard=0)["members"]]
+        return [Member(*m).index for m in self.control.call("chain", shard=0)["members"]]
 
     def client(self) -> ParameterClient:
         heads = self.control.shard_map(5.0)
@@ -123,13 +123,13 @@ def test_a_resent_push_is_acknowledged_once_and_applied_once(chain):
     head = c.replicas[0]
     conn = dial(head.server.address, TOKEN, max_payload=SIZE * 4)
     conn.send(Frame(Kind.INIT, worker=0), np.zeros(SIZE, np.float32))
-    assert conn.recv().kind == Kind.PUSH_ACK
+    assert conn.recv().kind == Kind.ACK
     push = Frame(Kind.PUSH, worker=0, seq=7, clock=0)
     conn.send(push, np.ones(SIZE, np.float32))
     first = conn.recv()
     conn.send(push, np.ones(SIZE, np.float32))  # the same (worker, seq): a worker resending after a failover
     second = conn.recv()
-    assert first.kind == second.kind == Kind.PUSH_ACK and first.clock == second.clock == 1
+    assert first.kind == second.kind == Kind.ACK and first.clock == second.clock == 1
     conn.send(Frame(Kind.PUSH, worker=0, seq=8, clock=1), np.ones(SIZE, np.float32))
     assert conn.recv().clock == 2  # a new sequence is a new push
     conn.close()

@@ -16,7 +16,7 @@ from stalwart.server.server import ParameterServer
 from stalwart.shard import ShardState
 from stalwart.sync import parse_policy
 from stalwart.transport import Frame, Kind, TcpTransport, dial
-from stalwart.worker.client import ServerUnavailable
+from stalwart.worker.failover import ServerUnavailable
 from stalwart.worker.trainthrough import Backlog, TrainThrough
 
 from helpers import events
@@ -202,7 +202,7 @@ def test_a_fresh_server_rebuilds_from_the_freshest_copy_then_applies_flushes(sta
     conns[0].send(Frame(Kind.FLUSH, worker=0, meta={"count": 5, "base_version": 30}),
                   memoryview(np.full(SIZE, 2.0, np.float32)).cast("B"))
     ack = conns[0].recv()
-    assert ack.kind == Kind.PUSH_ACK and ack.clock == 43
+    assert ack.kind == Kind.ACK and ack.clock == 43
     assert ack.meta == {"staleness": 12, "scale": 0.5}
     np.testing.assert_allclose(server.shard.params, 4.0 + 0.5 * 2.0)              # mean over 2 workers
 

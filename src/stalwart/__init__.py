@@ -15,7 +15,7 @@ _LAZY = {
     "JobConfig": ("stalwart.config", "JobConfig"),
     "ConfigError": ("stalwart.config", "ConfigError"),
     "Job": ("stalwart.launch.job", "Job"),
-    "JobFailed": ("stalwart.launch.job", "JobFailed"),
+    "JobFailed": ("stalwart.launch.driver", "JobFailed"),
     "ParameterServerOptimizer": ("stalwart.worker.optimizer", "ParameterServerOptimizer"),
     "ParameterClient": ("stalwart.worker.client", "ParameterClient"),
 }

@@ -59,6 +59,15 @@ class Member:
 
 
 class Coordinator(FrameService):
+    """The job's control plane in one process: membership with leases, the shard map and
+    the chains with their epoch, and the job's state, behind REQUEST ops (``op_*``).
+
+    ``servers`` counts shards and ``replicas`` the server processes per shard (1 without
+    chains); ``lease_s`` is how long a member may stay silent before it is dropped, which
+    :meth:`run` checks every tick. ``pulls_at_tail`` makes the map send pulls to each
+    chain's tail (strong chains) rather than its head.
+    """
+
     def __init__(self, listener: Listener, token: bytes, log: EventLog, *, servers: int,
                  workers: int, lease_s: float, replicas: int = 1, pulls_at_tail: bool = True):
         super().__init__(listener, token, log)

@@ -49,9 +49,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
-
-import numpy as np
+from typing import NamedTuple
 
 from ..control import CoordinatorClient, CoordinatorError
 from ..shard import Snapshot, SnapshotError
@@ -193,7 +191,7 @@ class ChainRecovery(RecoveryStrategy):
 
     def on_frame(self, session: Session, frame: Frame) -> None:
         if frame.kind == Kind.REPLICATE_ACK:
-            self.on_ack(frame.seq)
+            self.on_ack(frame.lsn)
         elif frame.kind == Kind.REPLICATE:
             self._apply_upstream(session, frame)
         elif frame.kind == Kind.STATE:
@@ -219,7 +217,7 @@ class ChainRecovery(RecoveryStrategy):
 
     # --- entries from our predecessor -------------------------------------------------
     def _apply_upstream(self, session: Session, frame: Frame) -> None:
-        shard, meta, lsn = self.shard, frame.meta or {}, frame.seq
+        shard, meta, lsn = self.shard, frame.meta or {}, frame.lsn
 
         def ack_upstream() -> None:
             try:
@@ -261,7 +259,7 @@ class ChainRecovery(RecoveryStrategy):
         if self.mode == ChainMode.STRONG:
             with self._cond:
                 if self.successor is not None or not self._tail_as_last_read():
-                    self.outbox.append(Record(frame.seq, frame, payload, [waiter] if waiter else []))
+                    self.outbox.append(Record(frame.lsn, frame, payload, [waiter] if waiter else []))
                     self._cond.notify_all()
                     if self.successor is None:
                         self._wake.set()  # the maintainer links us up (or finds us the tail)
@@ -490,7 +488,7 @@ class ChainRecovery(RecoveryStrategy):
                     raise ProtocolError((frame.meta or {}).get("reason", "error"))
                 if frame.kind != Kind.REPLICATE_ACK:
                     raise ProtocolError(f"successor {link.index} sent {frame.kind.name}")
-                self.on_ack(frame.seq)
+                self.on_ack(frame.lsn)
         except (ConnectionError, OSError, ProtocolError, ConnectionClosed) as exc:
             if not self._closed:
                 self.log.emit("chain_link_lost", shard=self.shard.shard, successor=link.index, reason=str(exc))

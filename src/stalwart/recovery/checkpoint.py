@@ -164,7 +164,8 @@ class Checkpointer:
                 self.snapshot(state.snapshot(policy=False))
         shard.after_update.append(after_update)
 
-    def describe(self) -> dict:
+    def prefixed_stats(self) -> dict:
+        """The counters as a server reports them (``checkpoint_snapshots``, ...)."""
         return {f"checkpoint_{k}": v for k, v in self.stats.items()}
 
 
@@ -192,4 +193,4 @@ class CheckpointRecovery(RecoveryStrategy):
         self.checkpointer.close()
 
     def stats(self) -> dict:
-        return self.checkpointer.describe()
+        return self.checkpointer.prefixed_stats()

@@ -193,7 +193,7 @@ class StatelessRecovery(RecoveryStrategy):
             version = shard.apply_flush(delta, scale)
         self.log.emit("flush_applied", shard=shard.shard, worker=frame.worker, count=count, base_version=base,
                       staleness=staleness, scale=scale, rule=self.rule.value, version=version)
-        session.conn.send(Frame(Kind.PUSH_ACK, shard=shard.shard, worker=frame.worker, clock=version,
+        session.conn.send(Frame(Kind.ACK, shard=shard.shard, worker=frame.worker, clock=version,
                                 meta={"staleness": staleness, "scale": scale}))
 
     def close(self) -> None:
@@ -201,4 +201,4 @@ class StatelessRecovery(RecoveryStrategy):
             self.checkpointer.close()
 
     def stats(self) -> dict:
-        return self.checkpointer.describe() if self.checkpointer is not None else {}
+        return self.checkpointer.prefixed_stats() if self.checkpointer is not None else {}

@@ -103,7 +103,7 @@ class ParameterServer(FrameService):
         """The acknowledgement of a worker's request, to send now or once it is durable."""
         def send() -> None:
             try:
-                session.conn.send(Frame(Kind.PUSH_ACK, shard=self.shard.shard, worker=frame.worker, seq=frame.seq,
+                session.conn.send(Frame(Kind.ACK, shard=self.shard.shard, worker=frame.worker, seq=frame.seq,
                                         clock=version, meta=meta))
             except (ConnectionError, OSError):
                 pass  # the worker is gone; it will resend to whoever leads then
@@ -201,7 +201,7 @@ class ParameterServer(FrameService):
     def _on_done(self, session: Session, frame: Frame) -> None:
         session.data["left"] = True
         self._leave(frame.worker, "worker_left")
-        session.conn.send(Frame(Kind.PUSH_ACK, shard=self.shard.shard, clock=self.shard.version))
+        session.conn.send(Frame(Kind.ACK, shard=self.shard.shard, clock=self.shard.version))
 
     def _leave(self, worker: int, event: str) -> None:
         if self.recovery.redirect() is not None:

@@ -34,18 +34,18 @@ class Kind(enum.IntEnum):
     AUTH_OK = 3        # server -> client: HMAC proving the server knows the token too
     ERROR = 4          # meta: {"reason": str}
     PUSH = 10          # worker -> server: gradient of one shard for `clock`
-    PUSH_ACK = 11      # server -> worker: clock = version after the push was accounted
+    ACK = 11           # server -> worker: a PUSH, INIT, DONE or FLUSH accounted; version = the shard's after it
     PULL = 12          # worker -> server: clock = the worker's clock just pushed (gate)
-    PARAMS = 13        # server -> worker: payload = shard parameters, clock = version
+    PARAMS = 13        # server -> worker: payload = shard parameters, version = theirs
     INIT = 14          # worker -> server: initial parameters (first one wins)
     DONE = 15          # worker -> server: leaving the job; sync policies stop waiting
     FLUSH = 16         # worker -> stateless server: the summed change of a backlog (meta: count, base_version)
     REQUEST = 20       # control: meta {"op": ..., ...}
     REPLY = 21         # control: meta
     STOP = 22          # server -> worker: the job is stopping, do not wait further
-    REPLICATE = 30     # chain: predecessor -> successor, one entry (seq = its log position)
-    REPLICATE_ACK = 31 # chain: successor -> predecessor, every entry up to seq is at the tail
-    STATE = 32         # chain: a replica's whole state (meta: header; payload: its arrays)
+    REPLICATE = 30     # chain: predecessor -> successor, one log entry at position lsn
+    REPLICATE_ACK = 31 # chain: successor -> predecessor, every entry up to lsn is at the tail
+    STATE = 32         # chain: a replica's whole state at lsn (payload: an encoded Snapshot)
 
 
 class Flag(enum.IntFlag):
@@ -70,6 +70,18 @@ class Frame:
     payload_len: int = 0
     # filled on receive when the payload was not placed into a caller's buffer
     payload: memoryview | None = field(default=None, repr=False)
+
+    # The two numeric header fields carry other things in some kinds; these names say
+    # which. ``seq`` is a worker's push sequence in PUSH and PULL, ``clock`` its clock.
+    @property
+    def version(self) -> int:
+        """ACK and PARAMS: the shard's version (in the ``clock`` field)."""
+        return self.clock
+
+    @property
+    def lsn(self) -> int:
+        """REPLICATE, REPLICATE_ACK and STATE: the chain's log position (in ``seq``)."""
+        return self.seq
 
 
 def encode_header(frame: Frame, payload_len: int) -> bytes:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..transport import NO_WORKER, Connection, Flag, Frame, Kind, ProtocolError, dial
-from .failover import Failover, NoFailover, ServerUnavailable
+from .failover import Failover, NoFailover
 
 
 class ServerError(RuntimeError):
@@ -161,7 +161,7 @@ class ParameterClient:
             self.conns[s].send(Frame(Kind.INIT, shard=s, worker=self.worker), view)
         resumes = []
         for s in range(self.shards):
-            ack = self._recv(s, Kind.PUSH_ACK)
+            ack = self._recv(s, Kind.ACK)
             clock = (ack.meta or {}).get("resume_clock", 0)
             resumes.append(clock if type(clock) is int and clock >= 0 else 0)
         # Shards may be a barrier apart when a worker rejoins a running job: continue from
@@ -261,7 +261,7 @@ class ParameterClient:
         if self.worker != NO_WORKER and request.targets is not None:
             self.conns[s].send(Frame(Kind.INIT, shard=s, worker=self.worker),
                                request.targets[s])
-            found = self._recv(s, Kind.PUSH_ACK).clock  # the version the shard resumed from
+            found = self._recv(s, Kind.ACK).version  # the version the shard resumed from
         self._send(s, request)
         owed = self._owed(request)
         while owed:
@@ -276,19 +276,19 @@ class ParameterClient:
         grads, targets = request.grads, request.targets
         if conn is self.conns[s] and "ack" in owed:
             either = "params" in owed and conn is self.pull_conns[s]
-            frame = self._recv(s, Kind.PUSH_ACK, targets[s] if either else None,
+            frame = self._recv(s, Kind.ACK, targets[s] if either else None,
                                also=Kind.PARAMS if either else None)
         else:
             frame = self._recv(s, Kind.PARAMS, targets[s])
         if frame.kind == Kind.PARAMS:
             owed.discard("params")
-            self.versions[s] = max(self.versions[s], frame.clock)
+            self.versions[s] = max(self.versions[s], frame.version)
             self.bytes_pulled += targets[s].nbytes
             return hint
         owed.discard("ack")
         pulled = targets is not None and "params" not in owed
-        self.acked_versions[s] = frame.clock
-        self.versions[s] = max(self.versions[s], frame.clock) if pulled else frame.clock
+        self.acked_versions[s] = frame.version
+        self.versions[s] = max(self.versions[s], frame.version) if pulled else frame.version
         self.bytes_pushed += grads[s].nbytes
         if self._acked_seq[s] != self.seq:  # an ack of a resend is the same push's
             self._acked_seq[s] = self.seq
@@ -311,12 +311,12 @@ class ParameterClient:
         self.connect(s, heads[s], tails[s])
         self.conns[s].send(Frame(Kind.INIT, shard=s, worker=self.worker, clock=clock,
                                  meta={"version": version}), memoryview(base).cast("B"))
-        ack = self._recv(s, Kind.PUSH_ACK)
+        ack = self._recv(s, Kind.ACK)
         resume = (ack.meta or {}).get("resume_clock", 0)
         self.failover.on_event("reconnected", shard=s, attempts=None, waited_s=round(time.monotonic() - since, 4),
-                               last_acked_version=self.acked_versions[s], found_version=ack.clock,
-                               server_version=ack.clock)
-        return ack.clock, resume if type(resume) is int and resume >= 0 else 0
+                               last_acked_version=self.acked_versions[s], found_version=ack.version,
+                               server_version=ack.version)
+        return ack.version, resume if type(resume) is int and resume >= 0 else 0
 
     def flush(self, s: int, delta: np.ndarray, count: int, base_version: int) -> dict:
         """Send shard ``s`` the summed change of ``count`` local steps made from
@@ -324,11 +324,11 @@ class ParameterClient:
         self.conns[s].send(Frame(Kind.FLUSH, shard=s, worker=self.worker,
                                  meta={"count": count, "base_version": base_version}),
                            memoryview(delta).cast("B"))
-        ack = self._recv(s, Kind.PUSH_ACK)
+        ack = self._recv(s, Kind.ACK)
         self.broken.discard(s)
         del self._detached[s]
-        self.versions[s] = self.acked_versions[s] = ack.clock
-        return {**(ack.meta or {}), "version": ack.clock}
+        self.versions[s] = self.acked_versions[s] = ack.version
+        return {**(ack.meta or {}), "version": ack.version}
 
     def push(self, grad: np.ndarray, clock: int) -> list[int]:
         return self.push_pull(grad, None, clock)
@@ -343,7 +343,7 @@ class ParameterClient:
             self.conns[s].send(Frame(Kind.DONE, shard=s, worker=self.worker))
         for s in live:
             try:
-                self._recv(s, Kind.PUSH_ACK)
+                self._recv(s, Kind.ACK)
             except JobStopping:
                 pass
 

@@ -32,8 +32,8 @@ BACKOFF_FIRST_S = 0.02
 BACKOFF_MAX_S = 1.0
 T = TypeVar("T")
 Resolve = Callable[[list[str]], tuple[list[str], list[str]]]  # failed addresses -> (heads, tails)
-# The client and its request are passed in, never imported: the client depends on this
-# module, not the other way round (annotations name them as ``client.ParameterClient``).
+# ``client`` below is the ParameterClient asking, and ``request`` its Request: passed in,
+# never imported, since the client depends on this module and not the other way round.
 
 
 class ServerUnavailable(ConnectionError):
@@ -52,7 +52,7 @@ class Failover:
     def can_reach(self) -> bool:
         return self.resolve is not None and self.budget_s > 0
 
-    def reach(self, client: "client.ParameterClient", s: int, failed: list[str], then: Callable[[], T]) -> tuple[int, T]:
+    def reach(self, client, s: int, failed: list[str], then: Callable[[], T]) -> tuple[int, T]:
         """Find shard ``s``'s server (report ``failed``, read the map, dial) and run ``then``
         on the new connection, retrying both with bounded exponential backoff within the
         budget; returns (attempts, what ``then`` returned)."""
@@ -76,13 +76,13 @@ class Failover:
             time.sleep(delay)  # backoff between attempts to reach a restarting server
             delay = min(2 * delay, BACKOFF_MAX_S)
 
-    def broken(self, client: "client.ParameterClient", s: int, request: "client.Request", hint: dict | None) -> tuple[bool, dict | None]:
+    def broken(self, client, s: int, request, hint: dict | None) -> tuple[bool, dict | None]:
         """Shard ``s`` broke during ``request``: (whether the request was redone and its
         reply received, the hint so far)."""
         raise ServerUnavailable(f"lost the connection to shard {s} and reconnecting is off "
                                 f"(recovery strategy none)")
 
-    def settle(self, client: "client.ParameterClient", gone: set[int]) -> None:
+    def settle(self, client, gone: set[int]) -> None:
         """The request is over; ``gone`` are the shards left broken in it."""
 
 

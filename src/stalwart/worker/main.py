@@ -1,4 +1,11 @@
-"""The worker process: train on its own shard of the data until the job stops."""
+"""The worker process: train on its own shard of the data until the job stops.
+
+Three parts, each its own function: the data and model this worker trains
+(:func:`_local_work`), its handle on the servers (:func:`_connect`: the coordinator, a
+client with the failover its recovery strategy calls for, the drop-in optimizer) and
+the training loop itself (:func:`_train`), which is an ordinary PyTorch loop around
+``opt.step()`` with the injected straggler delay and the loss events added.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +13,48 @@ import functools
 import math
 import threading
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from ..config import JobConfig
 from ..control import CoordinatorClient
 from ..data import load_dataset, shard_indices
 from ..faults import Straggler, parse_straggler
 from ..metrics import EventLog
 from ..models import build_model
-from .trainthrough import TrainThrough
 from ..optim import optimizer_from_config
+from ..spec import RoleSpec, token_from_env
 from .client import JobStopping, ParameterClient
 from .failover import Detach, NoFailover, Reconnect, ServerUnavailable
 from .optimizer import ParameterServerOptimizer
+from .trainthrough import TrainThrough
 
 
-def run_worker(spec, index: int) -> int:
-    from ..spec import token_from_env
-    job, token = spec.job, token_from_env()
-    torch.set_num_threads(1)  # N workers share the cores; one thread each avoids thrashing
-    log = EventLog.for_role(spec.run_dir, "worker", index)
+@dataclass
+class LocalWork:
+    """This worker's part of the training set, and the model it trains."""
+    x: torch.Tensor
+    y: torch.Tensor
+    model: torch.nn.Module
+    batch: int
+    per_epoch: int
+    limit: int | None  # iterations to run, when the job is bounded by epochs
+
+
+@dataclass
+class Tally:
+    """What the worker reports at its end."""
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    reason: str = "finished"
+    status: int = 0
+    delay_s: float = 0.0  # injected straggler delay
+    progress: dict = field(default_factory=lambda: {"clock": 0, "loss": None})
+
+
+def _local_work(job: JobConfig, index: int) -> LocalWork:
     d, t = job.data, job.train
     ds = load_dataset(d.dataset, seed=t.seed, samples=d.samples, features=d.features, data_dir=d.data_dir)
     mine = shard_indices(len(ds.y_train), job.cluster.workers, index, t.seed)
@@ -35,13 +63,14 @@ def run_worker(spec, index: int) -> int:
     batch = min(d.batch_size, len(y))
     per_epoch = len(y) // batch
     limit = math.ceil(t.epochs * per_epoch) if t.epochs is not None else None
+    return LocalWork(x, y, model, batch, per_epoch, limit)
 
-    stopping = threading.Event()
-    progress = {"clock": 0, "loss": None}
-    control = CoordinatorClient(spec.coordinator, token, "worker", index)
-    control.register()
-    control.start_heartbeats(job.cluster.heartbeat_s, stats=lambda: dict(progress),
-                             on_state=lambda state: state != "running" and stopping.set())
+
+def _connect(spec: RoleSpec, index: int, token: bytes, control: CoordinatorClient, model: torch.nn.Module,
+             log: EventLog) -> ParameterServerOptimizer:
+    """The drop-in optimizer over a client of every shard, with the failover (and, for
+    stateless servers, the training-through) that the recovery strategy calls for."""
+    job, r = spec.job, spec.job.recovery
 
     def resolve(failed: list[str]) -> tuple[list[str], list[str]]:
         """Where the shards are now, after reporting the servers we lost."""
@@ -52,47 +81,41 @@ def run_worker(spec, index: int) -> int:
                 raise JobStopping() from None
             raise
 
-    r = job.recovery
-    try:
-        policy = {"none": NoFailover, "stateless": Detach}.get(r.strategy, Reconnect)
-        client = ParameterClient(control.shard_map(), spec.bounds, token, worker=index, tails=control.tails,
-                                 transport=job.cluster.transport,
-                                 failover=policy(resolve, r.reconnect_s, on_event=log.emit))
-    except JobStopping:  # the job ended while this worker was still finding its servers
-        log.emit("worker_stop", reason="job stopping", iterations=0)
-        control.close()
-        log.close()
-        return 0
+    policy = {"none": NoFailover, "stateless": Detach}.get(r.strategy, Reconnect)
+    client = ParameterClient(control.shard_map(), spec.bounds, token, worker=index, tails=control.tails,
+                             transport=job.cluster.transport,
+                             failover=policy(resolve, r.reconnect_s, on_event=log.emit))
     train_through = None
     if r.strategy == "stateless":
         # Alone on its copy, a worker steps as the servers would: the job's own rule.
         local_optimizer = functools.partial(optimizer_from_config, job.optimizer)
         train_through = TrainThrough(client, local_optimizer, bound=r.backlog_max, when_full=r.when_full,
                                      reconnect_s=r.reconnect_s, on_event=log.emit)
-    opt = ParameterServerOptimizer(model, client=client, train_through=train_through)
-    log.emit("worker_start", examples=len(y), batch=batch, iterations_per_epoch=per_epoch, limit=limit)
+    return ParameterServerOptimizer(model, client=client, train_through=train_through)
 
+
+def _train(job: JobConfig, index: int, work: LocalWork, opt: ParameterServerOptimizer, log: EventLog,
+           stopping: threading.Event, tally: Tally) -> None:
+    t = job.train
     straggler = Straggler([parse_straggler(r) for r in job.faults.stragglers], index, t.seed)
     rng = np.random.default_rng([t.seed, index])
     loss_fn = torch.nn.CrossEntropyLoss()
-    compute_s = comm_s = 0.0
     window: list[float] = []
-    reason, status = "finished", 0
-    order = rng.permutation(len(y))
+    order = rng.permutation(len(work.y))
     first_step = None
     try:
-        while limit is None or opt.clock < limit:
+        while work.limit is None or opt.clock < work.limit:
             if stopping.is_set():
-                reason = "job stopping"
+                tally.reason = "job stopping"
                 break
-            pos = (opt.clock % per_epoch) * batch
+            pos = (opt.clock % work.per_epoch) * work.batch
             if pos == 0 and opt.clock:
-                order = rng.permutation(len(y))
-            take = order[pos:pos + batch]
+                order = rng.permutation(len(work.y))
+            take = order[pos:pos + work.batch]
             t0 = time.perf_counter()
-            model.train()
+            work.model.train()
             opt.zero_grad()
-            loss = loss_fn(model(x[take]), y[take])
+            loss = loss_fn(work.model(work.x[take]), work.y[take])
             loss.backward()
             t1 = time.perf_counter()
             first_step = first_step or t0
@@ -104,27 +127,53 @@ def run_worker(spec, index: int) -> int:
                 t1 = time.perf_counter()
             opt.step()
             t2 = time.perf_counter()
-            compute_s += t1 - t0
-            comm_s += t2 - t1
+            tally.compute_s += t1 - t0
+            tally.comm_s += t2 - t1
             window.append(loss.item())
-            progress.update(clock=opt.clock, loss=window[-1])
+            tally.progress.update(clock=opt.clock, loss=window[-1])
             if len(window) >= t.log_every:
                 log.emit("train", clock=opt.clock, version=opt.version, loss=float(np.mean(window)),
-                         epoch=opt.clock / per_epoch, compute_s=compute_s, comm_s=comm_s,
+                         epoch=opt.clock / work.per_epoch, compute_s=tally.compute_s, comm_s=tally.comm_s,
                          delay_s=straggler.delay_s)
                 window.clear()
     except JobStopping:
-        reason = "job stopping"
+        tally.reason = "job stopping"
     except ServerUnavailable as exc:
-        reason = f"server unavailable: {exc}"
-        status = 1
+        tally.reason, tally.status = f"server unavailable: {exc}", 1
     finally:
-        log.emit("worker_stop", reason=reason, iterations=opt.clock, compute_s=compute_s, comm_s=comm_s,
-                 delay_s=straggler.delay_s, pushes_sent=client.pushes_sent, pushes_acked=client.pushes_acked,
-                 bytes_pushed=client.bytes_pushed, bytes_pulled=client.bytes_pulled,
-                 compute_while_down_s=train_through.compute_while_down_s if train_through else 0.0,
+        tally.delay_s = straggler.delay_s
+
+
+def run_worker(spec: RoleSpec, index: int) -> int:
+    job, token = spec.job, token_from_env()
+    torch.set_num_threads(1)  # N workers share the cores; one thread each avoids thrashing
+    log = EventLog.for_role(spec.run_dir, "worker", index)
+    work = _local_work(job, index)
+    stopping, tally = threading.Event(), Tally()
+    control = CoordinatorClient(spec.coordinator, token, "worker", index)
+    control.register()
+    control.start_heartbeats(job.cluster.heartbeat_s, stats=lambda: dict(tally.progress),
+                             on_state=lambda state: state != "running" and stopping.set())
+    try:
+        opt = _connect(spec, index, token, control, work.model, log)
+    except JobStopping:  # the job ended while this worker was still finding its servers
+        log.emit("worker_stop", reason="job stopping", iterations=0)
+        control.close()
+        log.close()
+        return 0
+    log.emit("worker_start", examples=len(work.y), batch=work.batch, iterations_per_epoch=work.per_epoch,
+             limit=work.limit)
+    try:
+        _train(job, index, work, opt, log, stopping, tally)
+    finally:
+        client, through = opt.client, opt.train_through
+        log.emit("worker_stop", reason=tally.reason, iterations=opt.clock, compute_s=tally.compute_s,
+                 comm_s=tally.comm_s, delay_s=tally.delay_s, pushes_sent=client.pushes_sent,
+                 pushes_acked=client.pushes_acked, bytes_pushed=client.bytes_pushed,
+                 bytes_pulled=client.bytes_pulled,
+                 compute_while_down_s=through.compute_while_down_s if through else 0.0,
                  still_detached=sorted(client.detached))
         opt.close()
         control.close()
         log.close()
-    return status
+    return tally.status

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .client import ServerUnavailable
+from .failover import ServerUnavailable
 
 FULL_POLICIES = ("wait", "drop")
 

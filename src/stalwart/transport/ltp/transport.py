@@ -390,7 +390,7 @@ class LtpClientConnection(_OverTcp):
         frame = self.tcp.recv(sink)
         if frame.kind == Kind.AUTH_OK and frame.meta and "ltp" in frame.meta:
             self._open(frame.meta.pop("ltp"))
-        elif frame.kind in (Kind.PUSH_ACK, Kind.ERROR, Kind.STOP) and self.ready:
+        elif frame.kind in (Kind.ACK, Kind.ERROR, Kind.STOP) and self.ready:
             with self._lock:
                 self._state["done"] = True  # the server has the round: stop sending it
         return frame

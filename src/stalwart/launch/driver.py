@@ -1,0 +1,178 @@
+"""The driver loop of a running job: watch the roles, inject faults, evaluate, stop.
+
+:class:`Driver` is what :class:`~stalwart.launch.job.Job` runs once its cluster is up.
+Each concern is one method: :meth:`Driver.check` (a role that exited: expected, a
+finished worker, or the end of the job), :meth:`Driver._inject` (the fault schedule),
+:meth:`Driver._evaluate` (one test pass as an observer, with the progress display and
+TensorBoard fed) and :meth:`Driver._stop` (workers first, so that they leave their
+barriers, then a final evaluation, then the servers and the coordinator).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from ..config import JobConfig
+from ..faults import FaultInjector, parse_kill
+from ..metrics import EventLog
+from ..metrics.progress import Progress
+from ..metrics.tensorboard import TensorBoardSink
+from ..recovery.chain import Member
+from ..worker.client import ParameterClient, ServerError
+from ..worker.failover import NoFailover, Reconnect
+from .base import Exit
+from .cluster import Cluster, ClusterError
+
+STOP_TIMEOUT_S = 30.0
+
+
+class JobFailed(RuntimeError):
+    """The job could not run to its end; the message says which role failed and how."""
+
+
+def log_exit(log: EventLog, e: Exit) -> None:
+    log.emit("role_exit", member_role=e.role, member_index=e.index, returncode=e.returncode,
+             cpu_s=e.cpu_s, max_rss_mb=e.max_rss_mb)
+
+
+class Driver:
+    def __init__(self, config: JobConfig, cluster: Cluster, model, ds, log: EventLog, progress: Progress,
+                 interrupted: Callable[[], None], logs_dir: str):
+        self.config, self.cluster, self.log, self.progress = config, cluster, log, progress
+        self.interrupted, self.logs_dir = interrupted, logs_dir
+        self.launcher = cluster.launcher
+        self.finished: set[int] = set()   # workers that ended their epochs
+        self.shutting_down = False
+        self.injector: FaultInjector | None = None
+        try:
+            self.control, shards = cluster.connect("driver", self.check)
+        except ClusterError as exc:
+            raise JobFailed(str(exc)) from None
+        self.injector = FaultInjector([parse_kill(k) for k in config.faults.kills], self.launcher, log,
+                                      config.faults.down_s, locate=self._locate)
+        # The driver must never block long on a dead server: it is the one that restarts it.
+        failover = NoFailover if config.recovery.strategy == "none" else Reconnect
+        self.client = ParameterClient(shards, cluster.spec.bounds, cluster.token, transport=config.cluster.transport,
+                                      tails=self.control.tails,
+                                      failover=failover(lambda failed: self.control.relocate(failed, timeout_s=0.5),
+                                                        0.25))
+        # torch, which the driver alone needs: every role process imports this package
+        # (its entry point lives here), and servers must start without it.
+        from ..worker.evaluator import Evaluator
+        self.evaluator = Evaluator(model, ds.x_test, ds.y_test, self.client)
+        self.tensorboard = TensorBoardSink(config.tensorboard) if config.tensorboard is not None else None
+
+    # --- the roles ---------------------------------------------------------------------
+    def check(self, exits: list[Exit]) -> None:
+        """Act on roles that exited: a kill we made, a finished worker, or the job's end."""
+        self.interrupted()
+        for e in exits:
+            log_exit(self.log, e)
+            if self.injector is not None and self.injector.expects_exit(e.role, e.index):
+                continue  # killed on purpose: the job goes on
+            if e.returncode == 0 and e.role == "worker":
+                self.finished.add(e.index)
+            elif e.role == "coordinator" and not self.shutting_down:
+                raise JobFailed(f"{e.describe()}; the coordinator's state (membership, chains) is not "
+                                f"persisted, so the job cannot go on without it")
+            elif e.returncode != 0 or not self.shutting_down:
+                raise JobFailed(f"{e.describe()}; stopping the job (see {self.logs_dir}/{e.role}-{e.index}.log)")
+
+    def _locate(self, position: str, shard: int) -> int | None:
+        """The server process at ``position`` of ``shard``'s chain right now."""
+        members = [Member(*m).index for m in self.control.call("chain", shard=shard)["members"]]
+        if len(members) < (3 if position == "middle" else 1):
+            return None
+        return {"head": members[0], "middle": members[len(members) // 2], "tail": members[-1]}[position]
+
+    def _members(self, role: str) -> list[dict]:
+        return [m for m in self.control.call("status")["members"] if m["role"] == role]
+
+    def _global_clock(self) -> int | None:
+        """The slowest live worker's iteration count, from its heartbeats."""
+        clocks = [m["stats"]["clock"] for m in self._members("worker")
+                  if m["alive"] and (m.get("stats") or {}).get("clock") is not None]
+        return min(clocks) if clocks else None
+
+    # --- the loop ------------------------------------------------------------------------
+    def run(self) -> str:
+        c = self.config
+        # Training starts when the first worker has initialized every shard, not at
+        # process start-up; wait for that on the control plane, watching for crashes.
+        while not all((m["stats"] or {}).get("initialized") for m in self._members("server")):
+            self.check(self.launcher.wait(0.05))
+        t_start = time.monotonic()
+        self.log.emit("train_start")
+        reason, next_eval = None, t_start
+        while reason is None:
+            now = time.monotonic()
+            wake = min(next_eval, t_start + self.injector.next_due_s())
+            if self.injector.waiting_on_clock():
+                wake = min(wake, now + 0.1)
+            self.check(self.launcher.wait(max(0.0, wake - now)))
+            if len(self.finished) == c.cluster.workers:
+                reason = "every worker finished its epochs"
+                break
+            self._inject(time.monotonic() - t_start)
+            if time.monotonic() < next_eval:
+                continue
+            next_eval += c.train.eval_interval_s
+            reason = self._evaluate(t_start)
+        self._stop(reason, t_start)
+        return "completed"
+
+    def _inject(self, elapsed_s: float) -> None:
+        if not self.injector.rules:
+            return
+        clock = self._global_clock() if self.injector.waiting_on_clock() else None
+        for role, index in self.injector.tick(elapsed_s, clock):
+            if role == "coordinator":
+                raise JobFailed("the coordinator was killed (fault injection); its state (membership, "
+                                "chains) is not persisted, so the job cannot go on without it")
+            if role == "server" and self.config.recovery.strategy == "none":
+                raise JobFailed(f"server {index} was killed (fault injection) and recovery is 'none': "
+                                f"training cannot go on; use --recovery checkpoint, chain or stateless")
+
+    def _evaluate(self, t_start: float, final: bool = False) -> str | None:
+        """One test pass of the servers' model; returns why the job should stop, if it should."""
+        t = self.config.train
+        try:
+            result = self.evaluator.evaluate()
+        except (ConnectionError, OSError, ServerError) as exc:
+            elapsed = time.monotonic() - t_start
+            self.log.emit("eval_skipped", elapsed_s=elapsed, reason=str(exc), **({"final": True} if final else {}))
+            if not final and t.duration_s is not None and elapsed >= t.duration_s:
+                return f"duration of {t.duration_s:g}s reached"
+            return None
+        elapsed = time.monotonic() - t_start
+        self.log.emit("eval", elapsed_s=elapsed, **({"final": True} if final else {}), **result)
+        workers = [] if final else self._members("worker")
+        losses = [w["stats"]["loss"] for w in workers if (w.get("stats") or {}).get("loss") is not None]
+        train_loss = sum(losses) / len(losses) if losses else None
+        self.progress.update(elapsed, result, workers, train_loss)
+        if self.tensorboard is not None:
+            self.tensorboard.add(elapsed, result, train_loss)
+        if final:
+            return None
+        if t.duration_s is not None and elapsed >= t.duration_s:
+            return f"duration of {t.duration_s:g}s reached"
+        if t.stop_at_target and result["accuracy"] >= t.target_accuracy:
+            return f"target accuracy {t.target_accuracy:g} reached"
+        return None
+
+    def _stop(self, reason: str, t_start: float) -> None:
+        self.log.emit("stopping", reason=reason)
+        self.control.call("stop", reason=reason)
+        workers = {("worker", w) for w in range(self.config.cluster.workers)}
+        self.check(self.launcher.wait_for(workers, STOP_TIMEOUT_S))
+        if workers & set(self.launcher.running()):
+            raise JobFailed(f"workers did not stop within {STOP_TIMEOUT_S}s of being asked")
+        self._evaluate(t_start, final=True)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        self.client.close()
+        self.shutting_down = True
+        self.control.call("shutdown", reason=reason)
+        self.control.close()
+        self.check(self.launcher.wait_for(set(self.launcher.running()), STOP_TIMEOUT_S))
