@@ -47,9 +47,12 @@ def test_short_run_learns(run_root, sync, tmp_path):
 def test_every_bounded_policy_learns_with_a_straggler(run_root, sync):
     config = small_job(run_root, sync)
     config.faults.stragglers = ["1:3.0"]
+    # Until it learns, within a bound: with a worker at a third of the speed, how far 6 s
+    # get varies by half with the load on two shared cores (188 to 271 iterations each).
+    config.train.stop_at_target, config.train.duration_s = True, 15.0
     summary = Job(config).run()
     assert summary["status"] == "completed"
-    assert summary["final_accuracy"] > 0.5, summary
+    assert summary["time_to_target_s"] is not None and summary["best_accuracy"] >= 0.5, summary  # chance is 0.1
     assert summary["updates_applied"] >= summary["worker_iterations"] - 2  # every push applied
     fast, slow = summary["iterations_per_worker"]
     assert summary["straggler_delay_s"] > 0
