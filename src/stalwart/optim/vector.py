@@ -14,8 +14,17 @@ import numpy as np
 @functools.cache
 def _blas():
     """scipy's BLAS, imported at first use: the import costs a third of a second, which a
-    restarting server should not spend before it can rejoin its job."""
+    restarting server should not spend before it can rejoin its job.
+
+    One thread: a server shares the cores with the job's other processes, and OpenBLAS's
+    threads wait for work by spinning, so two servers on two cores oversubscribe them. The
+    push+pull benchmark at 1M parameters over two servers found a server spending half
+    its time in the finiteness check of a 0.5M-value shard (milliseconds where one thread
+    takes 0.08 ms). A large shard alone on a machine loses some speed by this (about 1.7x
+    on a 25M-value update here), which the transfer of such a shard dwarfs."""
     from scipy.linalg import blas
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")
     return blas
 
 
