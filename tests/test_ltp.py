@@ -302,6 +302,9 @@ def test_heavy_loss_falls_back_to_retransmission_and_never_passes_the_ceiling(lt
     assert params.mean() == pytest.approx(-6.0, rel=0.05)
 
 
+# Exactness needs no loss allowed: with the default 0.9, Early Close may rightly give up
+# on late packets when the machine is loaded (a full suite saw 6% of a round filled).
+@pytest.mark.parametrize("ltp_server", [{"min_fraction": 1.0}], indirect=True)
 def test_garbage_datagrams_do_not_disturb_the_server(ltp_server):
     server, token = ltp_server
     port = server.listener.udp_port

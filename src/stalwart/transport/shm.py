@@ -34,6 +34,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +96,17 @@ class _Mapping:
         self.mm = mmap.mmap(fd, size)
         self.words = np.frombuffer(self.mm, dtype=np.uint64, count=2)  # magic, consumed
         self.data = memoryview(self.mm)[HEADER_BYTES:]
+        self._closing = threading.Lock()
+        self._closed = False
 
     def close(self) -> None:
+        # Once, whoever comes first: a server closing its sessions at shutdown and the
+        # session's own thread ending both close the connection (a server exited with an
+        # AttributeError from the second ``del``).
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
         del self.words
         self.data.release()
         try:
