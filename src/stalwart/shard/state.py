@@ -95,17 +95,13 @@ class ShardState:
             self.stats["staleness_sum"] += staleness
             self.stats["staleness_max"] = max(self.stats["staleness_max"], staleness)
         if update is not None:
-            with self.rw.write():
-                self.optimizer.step(self.params, update, lr_scale=self.policy.lr_scale())
-            self._updated()
+            self._step(update)
         return self.version
 
     def apply_leave(self, worker: int, now: float) -> None:
         update = self.policy.leave(worker, now)
         if update is not None:
-            with self.rw.write():
-                self.optimizer.step(self.params, update, lr_scale=self.policy.lr_scale())
-            self._updated()
+            self._step(update)
         self.lock.notify_all()
 
     def apply_flush(self, delta: np.ndarray, scale: float) -> int:
@@ -115,6 +111,12 @@ class ShardState:
             self.params += np.float32(scale) * delta
         self._updated()
         return self.version
+
+    def _step(self, update: np.ndarray) -> None:
+        """The optimizer applies what the policy returned (a push's, or a leave's)."""
+        with self.rw.write():
+            self.optimizer.step(self.params, update, lr_scale=self.policy.lr_scale())
+        self._updated()
 
     def _updated(self) -> None:
         self.version += 1

@@ -40,6 +40,10 @@ class ServerUnavailable(ConnectionError):
     """A shard's server could not be reached again within the reconnect budget."""
 
 
+def _reconnecting_off(s: int) -> ServerUnavailable:
+    return ServerUnavailable(f"lost the connection to shard {s} and reconnecting is off (recovery strategy none)")
+
+
 class Failover:
     """The base: how to find a shard's server again, if there is any way to."""
 
@@ -57,8 +61,7 @@ class Failover:
         on the new connection, retrying both with bounded exponential backoff within the
         budget; returns (attempts, what ``then`` returned)."""
         if not self.can_reach:
-            raise ServerUnavailable(f"lost the connection to shard {s} and reconnecting is off "
-                                    f"(recovery strategy none)")
+            raise _reconnecting_off(s)
         t0 = time.monotonic()
         delay, attempts = BACKOFF_FIRST_S, 0
         while True:
@@ -79,8 +82,7 @@ class Failover:
     def broken(self, client, s: int, request, hint: dict | None) -> tuple[bool, dict | None]:
         """Shard ``s`` broke during ``request``: (whether the request was redone and its
         reply received, the hint so far)."""
-        raise ServerUnavailable(f"lost the connection to shard {s} and reconnecting is off "
-                                f"(recovery strategy none)")
+        raise _reconnecting_off(s)
 
     def settle(self, client, gone: set[int]) -> None:
         """The request is over; ``gone`` are the shards left broken in it."""
