@@ -38,6 +38,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..config import JobConfig  # noqa: E402
+from ..metrics.plots import legend_beside, line_styles, mark_outage  # noqa: E402
 from .common import Case, accuracy_band, markdown_table, mean, pm, run_cases, spread  # noqa: E402
 
 STRATEGIES = ["none", "checkpoint", "chain/strong", "chain/relaxed", "stateless"]
@@ -195,22 +196,20 @@ def plot(summaries: list[dict], grid: list[tuple[str, int]], base: dict, kill_at
     times = np.arange(0.0, duration + 0.25, 0.25)
     hold = 2.5 * base["train"]["eval_interval_s"]  # longer without an evaluation: a gap
     counts = sorted({k for _, k in grid})
-    fig, axes = plt.subplots(1, len(counts), figsize=(5.5 * len(counts), 4.3), sharey=True, squeeze=False)
-    colors = {}
+    fig, axes = plt.subplots(1, len(counts), figsize=(4.6 * len(counts) + 1.8, 4.3), sharey=True, squeeze=False)
+    styles = line_styles([s for s, _ in grid])  # one style per strategy, the same in every panel
     for ax, kills in zip(axes[0], counts):
         for strategy in [s for s, k in grid if k == kills]:
             runs = [s for s in summaries if s["group"] == f"{strategy}|{kills}"]
             m, lo, hi = accuracy_band(runs, times, hold_s=hold)
-            line, = ax.plot(times, m, label=strategy, color=colors.get(strategy))
-            colors[strategy] = line.get_color()
-            ax.fill_between(times, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
-        for t in kill_at_s[:kills]:
-            ax.axvline(t, color="tab:red", ls="--", lw=1)
-            ax.axvspan(t, t + down_s, color="tab:red", alpha=0.07, lw=0)
+            ax.plot(times, m, label=strategy, **styles[strategy])
+            ax.fill_between(times, lo, hi, color=styles[strategy]["color"], alpha=0.12, lw=0)
+        for i, t in enumerate(kill_at_s[:kills], 1):
+            mark_outage(ax, t, t + down_s, f"kill {i}: down {down_s:g} s")
         ax.set(xlabel="wall time since training started (s)", title=f"{kills} kill(s) of shard 0's server",
                ylim=(0, 1))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+    legend_beside(axes[0][-1], handles=[plt.Line2D([], [], label=s, **styles[s]) for s in styles])
     axes[0][0].set_ylabel("test accuracy (mean, min-max over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..config import JobConfig  # noqa: E402
+from ..metrics.plots import legend_beside, line_styles  # noqa: E402
 from .common import Case, accuracy_band, first_time_at, markdown_table, mean, pm, run_cases, spread  # noqa: E402
 
 POLICIES = ["bsp", "asp", "ssp:3", "dssp:2:4", "elastic:15"]
@@ -132,11 +133,12 @@ def render_markdown(result: dict) -> str:
 
 def plot(summaries: list[dict], policies: list[str], base: dict, path: Path) -> Path:
     grid = np.arange(0.0, base["train"]["duration_s"] + 0.25, 0.25)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    styles = line_styles(policies)
     for p in policies:
         m, lo, hi = accuracy_band([s for s in summaries if s["group"] == p], grid)
-        line, = ax.plot(grid, m, label=p)
-        ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+        ax.plot(grid, m, label=p, **styles[p])
+        ax.fill_between(grid, lo, hi, color=styles[p]["color"], alpha=0.15, lw=0)
     target = base["train"]["target_accuracy"]
     if target is not None:
         ax.axhline(target, color="grey", ls=":", lw=1)
@@ -144,7 +146,7 @@ def plot(summaries: list[dict], policies: list[str], base: dict, path: Path) -> 
     ax.set(xlabel="wall time since training started (s)", ylabel="test accuracy",
            title=f"sync policies, stragglers: {stragglers} (mean, min-max over seeds)", ylim=(0, 1))
     ax.grid(alpha=0.3)
-    ax.legend()
+    legend_beside(ax, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -30,6 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..config import JobConfig  # noqa: E402
+from ..metrics.plots import COLORS, legend_beside, line_styles  # noqa: E402
 from .common import Case, markdown_table, run_cases  # noqa: E402
 
 VARIANTS = {
@@ -146,31 +147,32 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
 
 def plot(rows: list[dict], summaries: list[dict], path: Path) -> None:
     grid = [r for r in rows if r["part"] == "grid" and r["round_p50_ms"] is not None]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.5))
     settings = sorted({(r["rate_mbit"], r["buffer_kb"]) for r in grid})
     for k, name in enumerate(sorted({r["transport"] for r in grid})):
         mine = {(r["rate_mbit"], r["buffer_kb"]): r for r in grid if r["transport"] == name}
         xs = [i + 0.38 * k for i, s in enumerate(settings) if s in mine]
         p50 = [mine[s]["round_p50_ms"] for s in settings if s in mine]
         p99 = [mine[s]["round_p99_ms"] for s in settings if s in mine]
-        left.bar(xs, p50, width=0.36, label=f"{name} p50")
+        left.bar(xs, p50, width=0.36, label=f"{name} p50", color=COLORS[k])
         left.scatter(xs, p99, marker="_", s=400, color="black", zorder=3,
                      label="p99" if k == 0 else None)
     left.set_xticks([i + 0.19 for i in range(len(settings))],
                     [f"{r:g} Mbit/s\n{b:g} KB" for r, b in settings])
     left.set_ylabel("time per BSP round (ms)")
     left.set_title("rounds through the bottleneck")
-    left.legend()
-    for s in summaries:
-        if s["group"].startswith(("parity", "fills")) and s.get("curve"):
-            curve = s["curve"]
-            right.plot([p["elapsed_s"] for p in curve], [p["accuracy"] for p in curve],
-                       label=s["group"].split("|")[0] + ": " + s["group"].split("|")[1])
+    left.legend(fontsize=8)  # bars and ticks only: the upper left corner is over the shortest bar
+    runs = [s for s in summaries if s["group"].startswith(("parity", "fills")) and s.get("curve")]
+    label = lambda s: s["group"].split("|")[0] + ": " + s["group"].split("|")[1]  # noqa: E731
+    styles = line_styles([label(s) for s in runs])
+    for s in runs:
+        curve = s["curve"]
+        right.plot([p["elapsed_s"] for p in curve], [p["accuracy"] for p in curve], label=label(s),
+                   **styles[label(s)])
     right.set_xlabel("seconds")
     right.set_ylabel("test accuracy")
     right.set_title("training runs (parity: netlab; fills: loopback with drops)")
-    if right.lines:
-        right.legend(fontsize=8)
+    legend_beside(right, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
