@@ -27,6 +27,8 @@ def test_training_over_ltp_with_dropped_packets_still_learns(run_root):
     assert any(r["lost"] > 0 for r in rounds)  # loss happened, and was tolerated
     assert max(r["lost"] for r in rounds) <= 0.1 + 1e-9  # never past the ceiling
     assert summary["transport"] == "ltp" and 0 < summary["lost_fraction"] <= 0.1
+    paths = summary["bytes_by_path"]  # pushes over UDP, pulls over the TCP stream (LTP never uses shm)
+    assert paths["ltp"] >= summary["bytes_pushed"] and paths["tcp"] >= summary["bytes_pulled"] and paths["shm"] == 0
 
 
 needs_lab = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))

@@ -73,6 +73,9 @@ def test_both_ends_on_one_host_move_large_payloads_through_shared_memory(pair):
     back = client.recv()
     np.testing.assert_array_equal(np.frombuffer(back.payload, np.float32), small)
     assert server.shm_out.name is None
+    # what each end reports as the path its payload bytes took
+    assert client.bytes_moved() == {"shm": grad.nbytes, "tcp": small.nbytes}
+    assert server.bytes_moved() == {"shm": grad.nbytes, "tcp": small.nbytes}
 
 
 def test_a_slot_still_in_use_sends_inline_and_a_larger_payload_grows_the_segment(pair):

@@ -28,6 +28,8 @@ def test_short_run_learns(run_root, sync, tmp_path):
     assert summary["time_to_target_s"] is not None
     assert summary["updates_applied"] > 50
     assert summary["bytes_pushed"] > 0 and summary["bytes_pulled"] > 0
+    paths = summary["bytes_by_path"]  # every payload took a path; none went over LTP
+    assert paths["ltp"] == 0 and paths["shm"] + paths["tcp"] >= summary["bytes_pushed"] + summary["bytes_pulled"]
     if sync == "bsp":
         assert summary["mean_staleness"] == 0  # every push is against the current version
         assert summary["updates_applied"] * 2 >= summary["worker_iterations"] - 2

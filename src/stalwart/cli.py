@@ -1,9 +1,18 @@
-"""The ``stalwart`` command line: train, report, bench."""
+"""The ``stalwart`` command line: train, report, bench, experiment, netlab.
+
+Every failure a user can cause ends in one line on stderr that names what is wrong and
+where (``error: ...``) and a non-zero exit: 2 for bad input, 1 for a job that failed,
+130 for Ctrl-C. Commands raise :class:`UserError` (or call :func:`_fail`) for what they
+check themselves; :func:`main` turns what escapes them (an unwritable path, a damaged
+file, a usage error from the parser) into such a line too. ``--debug`` shows the
+traceback instead.
+"""
 
 from __future__ import annotations
 
 import faulthandler
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -11,9 +20,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich import box
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="stalwart: parameter-server training that survives failures, stragglers and loss.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (they measure; they are not tests).")
 app.add_typer(bench_app, name="bench")
@@ -25,9 +35,47 @@ console = Console()
 err = Console(stderr=True)
 
 
+# The parser's exception classes, from typer: newer typers carry their own copy of click,
+# older ones use click itself; either way they are the bases of typer.BadParameter.
+UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+NoArgsIsHelpError = getattr(sys.modules[UsageError.__module__], "NoArgsIsHelpError", ())
+
+DEBUG = False  # set by --debug: let exceptions through with their tracebacks
+
+
+class UserError(Exception):
+    """Bad input, found by a check: its message is the whole error line."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code)
+    raise UserError(message, code)
+
+
+def _say_error(message: str) -> None:
+    # soft_wrap: one line however long, whatever the terminal's width
+    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True, soft_wrap=True)
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="show tracebacks instead of one-line errors")) -> None:
+    global DEBUG
+    DEBUG = debug
+
+
+def _writable_dir(path: Path, what: str) -> Path:
+    """``path`` made (with its parents) and writable, or a one-line error naming it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".stalwart-write-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        _fail(f"{what} {path} cannot be written: {exc.strerror or exc}")
+    return path
 
 
 @app.command()
@@ -111,10 +159,18 @@ def train(
     _run_job(job_config)
 
 
+def _check_outputs(job_config) -> None:
+    """The folders a job writes into, made and writable before any process starts."""
+    _writable_dir(Path(job_config.out), "--out")
+    if job_config.tensorboard is not None:
+        _writable_dir(Path(job_config.tensorboard), "--tensorboard")
+
+
 def _run_job(job_config, placement: dict | None = None) -> None:
     from .data import DatasetError
     from .launch import Job, JobFailed
 
+    _check_outputs(job_config)
     job = Job(job_config, placement)
     try:
         summary = job.run()
@@ -136,18 +192,37 @@ def _seconds(text: str) -> float:
 
 
 def _print_table(summaries: list[dict]) -> None:
-    table = Table(title="runs")
-    cols = ("run", "sync", "w/s", "final", "best", "to target", "wall s", "updates", "MB out")
-    table.add_column(cols[0], overflow="fold")  # numbers stay whole; long names wrap
-    for col in cols[1:]:
-        table.add_column(col, justify="right", no_wrap=True)
-    for s in summaries:
-        ttt = s.get("time_to_target_s")
-        table.add_row(Path(s["run_dir"]).name, s["sync"], f"{s['workers']}/{s['servers']}",
-                      _fmt(s["final_accuracy"]), _fmt(s["best_accuracy"]),
-                      "-" if ttt is None else f"{ttt:.1f}s", _fmt(s["wall_s"], 1),
-                      str(s["updates_applied"]), f"{s['bytes_pushed'] / 1e6:.1f}")
+    """One run per line at 80 columns: what all runs share goes into the title, a run
+    name too long for what is left is cut short (its directory is printed in full below)."""
+    shared = {"sync": lambda s: s["sync"], "w/s": lambda s: f"{s['workers']}/{s['servers']}",
+              "recovery": lambda s: s.get("recovery", "none"), "transport": lambda s: s.get("transport", "tcp")}
+    varying = [k for k, get in shared.items() if len({get(s) for s in summaries}) > 1]
+    title = ", ".join(f"{k} {shared[k](summaries[0])}" for k in shared if k not in varying)
+    columns = {k: shared[k] for k in varying}
+    columns.update({
+        "final": lambda s: _fmt(s["final_accuracy"]),
+        "target s": lambda s: "-" if s.get("time_to_target_s") is None else f"{s['time_to_target_s']:.1f}",
+        "wall s": lambda s: _fmt(s["wall_s"], 1),
+        "updates": lambda s: str(s["updates_applied"]),
+        "MB shm/tcp/ltp": lambda s: "/".join(f"{n / 1e6:.0f}" for n in _paths(s)),
+        "cost $": lambda s: "-" if s.get("cost_usd") is None else f"{s['cost_usd']:.5f}",
+    })
+    cells = [[get(s) for get in columns.values()] for s in summaries]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(columns)]
+    table = Table(title=f"runs: {title}" if title else "runs", box=box.SIMPLE_HEAD, padding=0,
+                  pad_edge=False, show_edge=False, title_justify="left")
+    table.add_column("run", no_wrap=True, overflow="ellipsis",
+                     max_width=max(8, console.width - sum(widths) - len(widths)))
+    for header, width in zip(columns, widths):
+        table.add_column(header, justify="right", no_wrap=True, min_width=width)
+    for s, row in zip(summaries, cells):
+        table.add_row(Path(s["run_dir"]).name, *row)
     console.print(table)
+
+
+def _paths(summary: dict) -> list[int]:
+    paths = summary.get("bytes_by_path") or {}
+    return [paths.get(p, 0) for p in ("shm", "tcp", "ltp")]
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -162,17 +237,22 @@ def report(
 ) -> None:
     """Rebuild summaries and plots of finished runs and compare them."""
     from .metrics.plots import plot_runs
-    from .metrics.summary import write_summary
+    from .metrics.summary import RunDirError, write_summary
 
+    overlay = out or Path("report.png")
+    if len(runs) > 1:
+        _writable_dir(overlay.parent, "the overlay plot's folder")
     summaries = []
     for run in runs:
-        if not (run / "config.yaml").exists():
-            _fail(f"{run} is not a run directory (no config.yaml)")
-        previous = run / "summary.json"
-        status = json.loads(previous.read_text()).get("status", "completed") if previous.exists() else "unknown"
-        summaries.append(write_summary(run, status=status))  # plots only when there is a curve
+        try:
+            summaries.append(write_summary(run, status=None))  # the status on record; plots only with a curve
+        except RunDirError as exc:
+            _fail(str(exc))
+        if summaries[-1].get("rebuilt_from_damaged"):
+            err.print(f"warning: {run}/summary.json was damaged; rebuilt it from the event logs "
+                      f"(status unknown)", highlight=False, soft_wrap=True)
     if len(summaries) > 1:
-        path = plot_runs(summaries, out or Path("report.png"))
+        path = plot_runs(summaries, overlay)
         console.print(f"overlay plot: {path}")
     if as_json:
         print(json.dumps([{k: v for k, v in s.items() if k != "curve"} for s in summaries], indent=1))
@@ -191,10 +271,10 @@ def _check_path(transport: str) -> None:
 @bench_app.command("pushpull")
 def bench_pushpull(
     params: list[str] = typer.Option(["1M", "10M", "100M"], "--params", "-p", help="model sizes, e.g. 1M 25M"),
-    workers: list[int] = typer.Option([1, 4], "--workers", "-w"),
-    servers: list[int] = typer.Option([1], "--servers", "-s"),
+    workers: list[int] = typer.Option([1, 4], "--workers", "-w", min=1),
+    servers: list[int] = typer.Option([1], "--servers", "-s", min=1),
     transport: str = typer.Option("tcp", help="tcp (sockets only) | shm (tcp with shared memory) | ltp"),
-    seconds: float = typer.Option(3.0, help="measuring time per configuration"),
+    seconds: float = typer.Option(3.0, min=0.1, help="measuring time per configuration"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Push+pull throughput (MB/s of parameters moved) against raw loopback TCP."""
@@ -221,7 +301,7 @@ def bench_pushpull(
 @bench_app.command("anchors")
 def bench_anchors(
     params: list[str] = typer.Option(["1M", "10M", "100M"], "--params", "-p", help="model sizes"),
-    workers: list[int] = typer.Option([1, 4], "--workers", "-w"),
+    workers: list[int] = typer.Option([1, 4], "--workers", "-w", min=1),
     system: Optional[list[str]] = typer.Option(
         None, "--system", help="only these: stalwart/tcp stalwart/shm stalwart/ltp torch-rpc ray-actor (repeatable)"),
     seconds: float = typer.Option(3.0, min=0.5, help="measuring time per row"),
@@ -232,6 +312,8 @@ def bench_anchors(
     from .bench.anchors import SYSTEMS, render_markdown, run_anchors
     from .bench.pushpull import parse_size
 
+    if out is not None:
+        _writable_dir(out, "--out")
     chosen = tuple(system or SYSTEMS)
     if unknown := [s for s in chosen if s not in SYSTEMS]:
         _fail(f"unknown system {unknown[0]!r}; choose among {', '.join(SYSTEMS)}")
@@ -243,7 +325,6 @@ def bench_anchors(
                          progress=None if as_json else (lambda line: console.print(line, highlight=False)))
     table = render_markdown(result)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(result, indent=1))
         (out / "results.md").write_text(table)
     print(json.dumps(result, indent=1) if as_json else table)  # plain: a markdown table must not wrap
@@ -252,14 +333,15 @@ def bench_anchors(
 @bench_app.command("scaling")
 def bench_scaling(
     params: str = typer.Option("10M", "--params", "-p", help="model size of the workers x servers sweep"),
-    workers: list[int] = typer.Option([1, 2, 4, 8], "--workers", "-w"),
-    servers: list[int] = typer.Option([1, 2, 4], "--servers", "-s"),
+    workers: list[int] = typer.Option([1, 2, 4, 8], "--workers", "-w", min=1),
+    servers: list[int] = typer.Option([1, 2, 4], "--servers", "-s", min=1),
     sizes: list[str] = typer.Option(["100k", "1M", "10M", "100M"], "--size", help="model sizes of the size sweep"),
     transport: str = typer.Option("shm", help="tcp | shm | ltp"),
     seconds: float = typer.Option(3.0, min=0.5, help="measuring time per point"),
     out: Path = typer.Option(Path("experiments/scaling"), help="folder for results.json, results.md, scaling.png"),
 ) -> None:
     """Aggregate throughput as workers and servers grow, and round time as the model grows."""
+    _writable_dir(out, "--out")
     from .bench import scaling
     from .bench.pushpull import parse_size
 
@@ -279,7 +361,7 @@ def bench_scaling(
 def bench_checkpoint(
     params: list[str] = typer.Option(["1M", "10M"], "--params", "-p", help="model sizes"),
     workers: int = typer.Option(4, "--workers", "-w", min=1),
-    every: int = typer.Option(200, help="snapshot every N updates (the default interval)"),
+    every: int = typer.Option(200, min=1, help="snapshot every N updates (the default interval)"),
     seconds: float = typer.Option(5.0, help="measuring time per run"),
     repeats: int = typer.Option(3, min=1, help="alternating runs per mode (median reported)"),
     as_json: bool = typer.Option(False, "--json"),
@@ -348,6 +430,7 @@ def experiment_sync(
     target_accuracy: float = typer.Option(0.9, min=0.01, max=1.0),
 ) -> None:
     """BSP, ASP, SSP, DSSP and ElasticBSP on one workload and one straggler pattern."""
+    _writable_dir(out, "--out")
     from .config import ConfigError
     from .experiments.sync import FULL, POLICIES, QUICK, base_config, render_markdown, run_sync_experiment
     from .sync import parse_policy
@@ -394,6 +477,7 @@ def experiment_failure(
     target_accuracy: float = typer.Option(0.93, min=0.01, max=1.0),
 ) -> None:
     """Recovery strategies (none, checkpoint, chain strong/relaxed, stateless) under 0, 1, 2 server kills."""
+    _writable_dir(out, "--out")
     from .config import ConfigError, JobConfig
     from .experiments.failure import (FLUSH_VARIANTS, FULL, QUICK, STRATEGIES, base_config, kill_rules,
                                       recovery_section, render_markdown, run_failure_experiment)
@@ -477,8 +561,11 @@ def experiment_transport(
     from .experiments.transport import FULL, QUICK, base_config, render_markdown, run_transport_experiment
     from .netlab import unavailable_reason
 
+    if bad := [v for v in (rate or []) + (buffer or []) if not v > 0]:
+        _fail(f"--rate and --buffer must be positive, got {bad[0]:g}")
     if (reason := unavailable_reason()) is not None:
         _fail(f"experiment transport runs inside netlab: {reason}")
+    _writable_dir(out, "--out")
     preset = dict(QUICK if quick else FULL)
     preset.update({k: v for k, v in {"rates": tuple(rate or ()), "buffers": tuple(buffer or ()),
                                      "duration_s": duration}.items() if v})
@@ -489,13 +576,56 @@ def experiment_transport(
     console.print(f"results: {out}/results.md, {out}/results.json, {out}/rounds.png")
 
 
-def main() -> None:
-    # `kill -USR1 <pid>` prints where every thread of a stuck driver is, without stopping it.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+def _describe(exc: BaseException) -> str:
+    """One line for an exception that escaped a command's own checks."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, (UnicodeDecodeError, json.JSONDecodeError)):
+        return f"a file could not be read: {exc}"
+    text = " ".join(str(exc).split()) or "no message"
+    return f"{type(exc).__name__}: {text} (an unexpected error: rerun with --debug for the traceback)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script: runs a command and returns (or exits with) its status."""
+    from .config import ConfigError
+
+    if argv is None:  # the process's own: `kill -USR1 <pid>` prints where every thread of a stuck driver is
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    global DEBUG
+    DEBUG = "--debug" in (sys.argv[1:] if argv is None else argv)  # before the parser: its errors too
     try:
-        app()
+        code = app(args=argv, standalone_mode=False, prog_name="stalwart")
+    except NoArgsIsHelpError as exc:
+        exc.show()  # a command group given no command: its help
+        code = 2
+    except UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "stalwart"
+        _say_error(f"{' '.join(exc.format_message().split())} (see {where} --help)")
+        code = exc.exit_code
+    except UserError as exc:
+        if DEBUG:
+            raise
+        _say_error(str(exc))
+        code = exc.code
+    except ConfigError as exc:  # a config a command built from its options, refused
+        if DEBUG:
+            raise
+        _say_error(f"config error: {exc}")
+        code = 2
+    except typer.Abort:
+        _say_error("interrupted")
+        code = 130
     except BrokenPipeError:
-        sys.exit(1)
+        code = 1
+    except Exception as exc:  # noqa: BLE001: every escape becomes one line unless --debug
+        if DEBUG:
+            raise
+        _say_error(_describe(exc))
+        code = 1
+    if argv is None:
+        sys.exit(code or 0)
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from .metrics.cost import CostRates
 from .recovery.chain import ChainMode
 from .recovery.stateless import FlushRule
 from .transport.ltp.config import LtpConfig
@@ -202,10 +203,19 @@ class JobConfig(_Section):
     faults: FaultsConfig = FaultsConfig()
     recovery: RecoveryConfig = RecoveryConfig()
     ltp: LtpConfig = LtpConfig()
+    cost: CostRates = CostRates()
     out: Path = Path("runs")
     name: str | None = None
     tensorboard: Path | None = None
     progress: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, value: str | None) -> str | None:
+        # the run directory is out/name: a name with a separator would put it elsewhere
+        if value is not None and (not value.strip() or "/" in value or "\\" in value or value in (".", "..")):
+            raise ValueError(f"run name {value!r} must be a plain folder name (no '/', not '.' or '..')")
+        return value
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "JobConfig":
@@ -216,8 +226,14 @@ class JobConfig(_Section):
                 loaded = yaml.safe_load(Path(path).read_text())
             except FileNotFoundError:
                 raise ConfigError(f"config file {path} does not exist") from None
+            except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"config file {path} cannot be read: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from None
             except yaml.YAMLError as exc:
-                raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+                mark = getattr(exc, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+                raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
             if loaded is not None and not isinstance(loaded, dict):
                 raise ConfigError(f"config file {path} must hold a mapping at the top level")
             data = loaded or {}

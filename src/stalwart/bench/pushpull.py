@@ -33,7 +33,10 @@ def parse_size(text: str) -> int:
     if not m:
         raise ValueError(f"size {text!r} is not a number with an optional k/M/G suffix")
     scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
+    size = int(float(m.group(1)) * scale)
+    if size < 1:
+        raise ValueError(f"size {text!r} is {size} parameters; a model needs at least one")
+    return size
 
 
 # --- push+pull clients ------------------------------------------------------------------

@@ -52,14 +52,18 @@ def _jsonable(value: Any) -> Any:
 
 
 def read_events(run_dir: str | Path) -> Iterator[dict[str, Any]]:
-    """Every event of a run, in time order; a torn last line (SIGKILL) is skipped."""
+    """Every event of a run, in time order. A line that is not an event (a torn last
+    line after a SIGKILL, or damage) is skipped: a summary is made of what survives."""
     records = []
     for path in sorted((Path(run_dir) / "events").glob("*.jsonl")):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if isinstance(record, dict) and isinstance(record.get("event"), str) \
+                        and isinstance(record.get("t", 0.0), (int, float)):
+                    records.append(record)
     records.sort(key=lambda r: r.get("t", 0.0))
     return iter(records)

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
+from .cost import CostRates, price
 from .events import read_events
 
 
@@ -97,6 +99,28 @@ def _kills(events: list[dict], replicas: int) -> tuple[list[dict], int]:
     return kills, lost_total
 
 
+def _cost(events: list[dict], rates: CostRates, curve: list[dict], target: float | None) -> dict[str, Any]:
+    """The run's price (:mod:`stalwart.metrics.cost`), and the part of it spent until the
+    target accuracy was reached: the price pro rata of the training time it took."""
+    priced = price(events, rates)
+    reached = next((p["elapsed_s"] for p in curve if target is not None and p["accuracy"] >= target), None)
+    trained = curve[-1]["elapsed_s"] if curve else None
+    priced["cost_to_target_usd"] = priced["cost_usd"] * reached / trained \
+        if priced["cost_usd"] is not None and reached is not None and trained else None
+    return priced
+
+
+def _bytes_by_path(workers: list[dict]) -> dict[str, int]:
+    """Payload bytes the workers pushed and pulled, by path: shared memory, TCP's socket,
+    LTP's UDP. Payloads only: headers, the evaluator's pulls and a chain's forwarding
+    between servers are not in it."""
+    total = {"shm": 0, "tcp": 0, "ltp": 0}
+    for w in workers:
+        for path, n in (w.get("bytes_by_path") or {}).items():
+            total[path] = total.get(path, 0) + n
+    return total
+
+
 def _rounds(servers: dict[int, dict]) -> dict[str, Any]:
     """Time between updates (under BSP: one synchronization round) and, for LTP, the lost
     fraction of the pushes; from the slowest shard, which sets the pace."""
@@ -115,10 +139,50 @@ def _rounds(servers: dict[int, dict]) -> dict[str, Any]:
     }
 
 
+class RunDirError(ValueError):
+    """A folder that is not a run directory, or one too damaged to summarize; the
+    message names the folder and what is wrong with it."""
+
+
+def _read_config(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is not a run directory ({'not a folder' if run_dir.exists() else 'no such folder'})")
+    if not path.is_file():
+        raise RunDirError(f"{run_dir} is not a run directory (no config.yaml)")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        problem = getattr(exc, "problem", None) or getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise RunDirError(f"{path} is damaged{where}: {problem}") from None
+    missing = [k for k in ("cluster", "sync", "data", "model", "optimizer", "train")
+               if not isinstance(config, dict) or not isinstance(config.get(k), dict)]
+    if missing:
+        raise RunDirError(f"{path} is damaged: no {', '.join(missing)} section")
+    return config
+
+
 def summarize(run_dir: str | Path) -> dict[str, Any]:
+    """The summary of a run directory, or :class:`RunDirError` naming what is wrong."""
     run_dir = Path(run_dir)
-    events = list(read_events(run_dir))
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config = _read_config(run_dir)
+    if not any((run_dir / "events").glob("*.jsonl")):
+        raise RunDirError(f"{run_dir} has no event logs (events/*.jsonl): nothing to summarize")
+    try:
+        rates = CostRates.model_validate(config.get("cost") or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise RunDirError(f"{run_dir}/config.yaml: cost.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    try:
+        return _summarize(run_dir, config, list(read_events(run_dir)), rates)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise RunDirError(f"{run_dir}: its config.yaml or event logs lack what a summary needs "
+                          f"({type(exc).__name__}: {exc})") from None
+
+
+def _summarize(run_dir: Path, config: dict, events: list[dict], rates: CostRates) -> dict[str, Any]:
     by = lambda name: [e for e in events if e["event"] == name]  # noqa: E731
     curve = _curve(events)
     target = config["train"].get("target_accuracy")
@@ -162,6 +226,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "worker_iterations": sum(w.get("iterations", 0) for w in workers),
         "bytes_pushed": sum(w.get("bytes_pushed", 0) for w in workers),
         "bytes_pulled": sum(w.get("bytes_pulled", 0) for w in workers),
+        "bytes_by_path": _bytes_by_path(workers),
         "mean_staleness": staleness / pushes if pushes else None,
         "rejected_frames": sum(s.get("rejected", 0) for s in servers.values()),
         "worker_compute_s": sum(w.get("compute_s", 0.0) for w in workers),
@@ -176,17 +241,38 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "lost_updates": lost_updates,
         **_stateless(events),
         **_resources(events),
+        **_cost(events, rates, curve, target),
         **_rounds(servers),
         **_barrier_accuracy(barriers),
         "curve": curve,
     }
 
 
-def write_summary(run_dir: str | Path, status: str = "completed", error: str | None = None) -> dict:
+def _on_record(run_dir: Path) -> tuple[dict, bool]:
+    """The status and error of the summary already written, and whether it was damaged."""
+    try:
+        previous = json.loads((run_dir / "summary.json").read_text())
+    except FileNotFoundError:
+        return {"status": "unknown", "error": None}, False
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {"status": "unknown", "error": None}, True
+    if not isinstance(previous, dict):
+        return {"status": "unknown", "error": None}, True
+    return {"status": previous.get("status", "completed"), "error": previous.get("error")}, False
+
+
+def write_summary(run_dir: str | Path, status: str | None = "completed", error: str | None = None) -> dict:
+    """Summarize ``run_dir`` into its ``summary.json`` and ``accuracy.png``. With
+    ``status=None`` the status on record is kept (``report``); a damaged summary.json
+    is rebuilt, and the result says so (``rebuilt_from_damaged``)."""
     from .plots import plot_runs
     run_dir = Path(run_dir)
+    damaged = False
+    if status is None:
+        record, damaged = _on_record(run_dir)
+        status, error = record["status"], record["error"]
     summary = {"status": status, "error": error, **summarize(run_dir)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if summary["curve"]:
         plot_runs([summary], run_dir / "accuracy.png")
-    return summary
+    return {**summary, "rebuilt_from_damaged": True} if damaged else summary

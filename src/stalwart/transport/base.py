@@ -47,6 +47,11 @@ class Connection(ABC):
         """The descriptor that turns readable when a frame (or the peer's going away)
         arrives, so that a caller can wait on several connections at once."""
 
+    def bytes_moved(self) -> dict[str, int]:
+        """Payload bytes this end has sent and received, by the path they took
+        (``tcp``, ``shm``, ``ltp``): what a job's summary reports as where its bytes went."""
+        return {}
+
     def capabilities(self) -> dict:
         """What this end offers its peer, stated during authentication (e.g. a host
         identity for shared memory)."""

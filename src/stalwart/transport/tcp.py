@@ -35,6 +35,7 @@ class TcpConnection(Connection):
         self.shm_in: shm.ShmReceiver | None = None
         self._send_lock = threading.Lock()
         self._header = bytearray(HEADER_SIZE)
+        self._moved = {"tcp": 0, "shm": 0}
         try:
             host, port = sock.getpeername()[:2]
             self.peer = f"{host}:{port}"
@@ -46,6 +47,9 @@ class TcpConnection(Connection):
 
     def fileno(self) -> int:
         return self.sock.fileno()  # frames are read straight off the socket: no buffer hides one
+
+    def bytes_moved(self) -> dict[str, int]:
+        return dict(self._moved)
 
     def capabilities(self) -> dict:
         host = shm.host_identity() if self.shm_allowed else None
@@ -63,7 +67,9 @@ class TcpConnection(Connection):
                 entry = self.shm_out.write(body)
                 if entry is not None:
                     frame = dataclasses.replace(frame, meta={**(frame.meta or {}), "shm": entry})
+                    self._moved["shm"] += body.nbytes
                     body = memoryview(b"")
+            self._moved["tcp"] += body.nbytes
             buffers = [memoryview(encode_header(frame, body.nbytes)), body]
             try:
                 while buffers:
@@ -110,6 +116,7 @@ class TcpConnection(Connection):
                                     f"does not match the expected {target.nbytes}")
             self._recv_exact(target)
             frame.payload = target
+            self._moved["tcp"] += frame.payload_len
         return frame
 
     def _recv_shared(self, frame: Frame, sink: PayloadSink | None) -> Frame:
@@ -130,6 +137,7 @@ class TcpConnection(Connection):
             raise ProtocolError(f"{frame.kind.name} payload of {length} bytes "
                                 f"does not match the expected {target.nbytes}")
         frame.payload = self.shm_in.read_into(entry, target)
+        self._moved["shm"] += length
         return frame
 
     def close(self) -> None:

@@ -66,6 +66,7 @@ class ParameterClient:
         if len(bounds) != len(shards) + 1:
             raise ValueError(f"{len(shards)} shards need {len(shards) + 1} bounds, got {len(bounds)}")
         self.worker, self.bounds = worker, bounds
+        self._opened: list[Connection] = []  # every connection ever dialled: their byte counts
         self.token, self.transport, self.timeout = token, transport, timeout
         self.failover = failover if failover is not None else NoFailover()
         self.broken: set[int] = set()              # detached shards that lost their server
@@ -98,8 +99,20 @@ class ParameterClient:
         self.hint: dict | None = None
 
     def _dial(self, s: int, address: str) -> Connection:
-        return dial(address, self.token, self.transport, self.timeout,
+        conn = dial(address, self.token, self.transport, self.timeout,
                     max_payload=(self.bounds[s + 1] - self.bounds[s]) * 4)
+        self._opened.append(conn)
+        return conn
+
+    @property
+    def bytes_by_path(self) -> dict[str, int]:
+        """Payload bytes pushed and pulled, by the path they took (``tcp``, ``shm``,
+        ``ltp``), over every connection this client has had, closed ones included."""
+        total = {"shm": 0, "tcp": 0, "ltp": 0}
+        for conn in self._opened:
+            for path, n in conn.bytes_moved().items():
+                total[path] = total.get(path, 0) + n
+        return total
 
     def connect(self, s: int, head: str, tail: str) -> None:
         """(Re)open shard ``s``'s connections: pushes to ``head``, pulls from ``tail``."""

@@ -170,7 +170,7 @@ def run_worker(spec: RoleSpec, index: int) -> int:
         log.emit("worker_stop", reason=tally.reason, iterations=opt.clock, compute_s=tally.compute_s,
                  comm_s=tally.comm_s, delay_s=tally.delay_s, pushes_sent=client.pushes_sent,
                  pushes_acked=client.pushes_acked, bytes_pushed=client.bytes_pushed,
-                 bytes_pulled=client.bytes_pulled,
+                 bytes_pulled=client.bytes_pulled, bytes_by_path=client.bytes_by_path,
                  compute_while_down_s=through.compute_while_down_s if through else 0.0,
                  still_detached=sorted(client.detached))
         opt.close()

@@ -65,6 +65,12 @@ class _OverTcp(Connection):
     def fileno(self) -> int:
         return self.tcp.fileno()  # every reply comes on the TCP stream
 
+    #: payload bytes of pushes handed to UDP (each once: resent packets are not counted again)
+    ltp_bytes = 0
+
+    def bytes_moved(self) -> dict[str, int]:
+        return {**self.tcp.bytes_moved(), "ltp": self.ltp_bytes}
+
 
 # --- the server side -------------------------------------------------------------------
 
@@ -380,6 +386,7 @@ class LtpClientConnection(_OverTcp):
             self.packets.fill(data, job=self.job, session=self.session, round_=self.round, shard=frame.shard)
             frame.meta = {**(frame.meta or {}), "ltp": [self.round, data.nbytes, values.nbytes]}
             self.tcp.send(frame)
+            self.ltp_bytes += values.nbytes
             self.pacer.next_round()
             self._state = {"round": self.round, "done": False, "next": 0, "resend": np.empty(0, dtype=np.int64),
                            "must": {0: [0.0, RTO_FIRST_S], self.packets.total - 1: [0.0, RTO_FIRST_S]},
