@@ -35,8 +35,10 @@ def test_failure_experiment_writes_rows_table_and_plot(tmp_path):
     assert stateless["status"] == "completed" and stateless["recovered_s"] > 1.5
     assert stateless["compute_while_down_s"] > 0.5 and stateless["flushed_steps"] > 0
     assert stateless["cpu_s"] > 0 and stateless["sum_rss_mb"] > 50
+    assert stateless["cost_usd"] > stateless["cpu_s"] / 3600 * 0.04048  # CPU at the default rate, plus memory
     table = json.loads((tmp_path / "table.json").read_text())
     assert [(r["recovery"], r["completed"]) for r in table["rows"]] == [("none", 0), ("stateless", 1)]
     assert result["rows"] == table["rows"]
     assert "| `stateless` | 1 | 1/1 |" in (tmp_path / "results.md").read_text()
+    assert "cost (m$)" in (tmp_path / "results.md").read_text() and table["rows"][1]["cost_usd"] > 0
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000

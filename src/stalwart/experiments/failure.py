@@ -105,6 +105,7 @@ def run_failure_experiment(out: Path, strategies: list[str] = STRATEGIES, kill_c
     runs = [run_row(s) for s in summaries]
     table = aggregate(runs, grid)
     meta = {"workload": base, "kill_at_s": list(kill_at_s), "down_s": down_s, "seeds": seeds,
+            "cost_source": next((s["cost_source"] for s in summaries if s.get("cost_source")), None),
             "wall_s": time.time() - started}
     (out / "results.json").write_text(json.dumps(runs, indent=1))
     (out / "table.json").write_text(json.dumps({**meta, "rows": table}, indent=1))
@@ -134,6 +135,9 @@ def run_row(summary: dict) -> dict:
         "flushed_steps": summary.get("flushed_steps"),
         "cpu_s": summary.get("cpu_s"),
         "sum_rss_mb": summary.get("sum_rss_mb"),
+        "cost_usd": summary.get("cost_usd"),
+        "cost_to_target_usd": summary.get("cost_to_target_usd"),
+        "bytes_by_path": summary.get("bytes_by_path"),
         "run_dir": summary.get("run_dir"),
     }
 
@@ -159,6 +163,9 @@ def aggregate(runs: list[dict], grid: list[tuple[str, int]]) -> list[dict]:
             "updates_applied": mean([r["updates_applied"] for r in ok]),
             "cpu_s": mean([r["cpu_s"] for r in mine]),
             "sum_rss_mb": mean([r["sum_rss_mb"] for r in mine]),
+            "cost_usd": mean([r.get("cost_usd") for r in mine]),
+            # over the runs that reached the target: the price of getting there
+            "cost_to_target_usd": mean([r.get("cost_to_target_usd") for r in ok]),
             "errors": sorted({r["error"] for r in mine if r["error"]}),
         })
     return rows
@@ -187,7 +194,11 @@ def render_markdown(table: list[dict], meta: dict) -> str:
         ("updates", lambda r: f(r["updates_applied"], 0)),
         ("CPU s", lambda r: f(r["cpu_s"], 0)),
         ("peak RSS MB (all processes)", lambda r: f(r["sum_rss_mb"], 0)),
-    ])
+        ("cost (m$)", lambda r: f(None if r["cost_usd"] is None else 1000 * r["cost_usd"], 2)),
+        ("cost to target (m$)", lambda r: f(None if r["cost_to_target_usd"] is None
+                                            else 1000 * r["cost_to_target_usd"], 2)),
+    ]) + f"\nCost: CPU seconds used and memory held, priced at {meta.get('cost_source', 'the default rates')} " \
+         f"(m$: thousandths of a dollar; to target: pro rata of the training time it took).\n"
 
 
 def plot(summaries: list[dict], grid: list[tuple[str, int]], base: dict, kill_at_s: tuple[float, ...],
