@@ -215,6 +215,7 @@ class Coordinator(FrameService):
             members = [{"role": m.role, "index": m.index, "alive": m.alive, "stats": m.stats,
                         "address": m.address} for m in self.members.values()]
             return {"state": self.state, "epoch": self.epoch, "members": members,
+                    "chains": [list(self.chains.get(s, [])) for s in range(self.servers)],
                     "stop_reason": self.stop_reason}
 
     def op_stop(self, reason: str = "requested") -> dict:

@@ -11,12 +11,14 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 class EventLog:
     def __init__(self, path: str | Path | None, role: str, index: int = 0):
         self.role, self.index = role, index
+        # called with each record after it is written (the driver's live display)
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self._lock = threading.Lock()
         self._file = None
         if path is not None:
@@ -35,6 +37,8 @@ class EventLog:
         with self._lock:
             if self._file is not None:
                 self._file.write(line + "\n")
+        for listener in self.listeners:
+            listener(record)
 
     def close(self) -> None:
         with self._lock:

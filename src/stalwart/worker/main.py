@@ -125,7 +125,9 @@ def _train(job: JobConfig, index: int, work: LocalWork, opt: ParameterServerOpti
             if pause > 0:
                 time.sleep(pause)  # the injected slowdown itself, not synchronization
                 t1 = time.perf_counter()
+            tally.progress["sync_since"] = time.monotonic()
             opt.step()
+            tally.progress["sync_since"] = None
             t2 = time.perf_counter()
             tally.compute_s += t1 - t0
             tally.comm_s += t2 - t1
@@ -144,6 +146,24 @@ def _train(job: JobConfig, index: int, work: LocalWork, opt: ParameterServerOpti
         tally.delay_s = straggler.delay_s
 
 
+WAITING_S = 0.05  # a step that has been syncing this long is waiting (at a barrier, or on its server)
+
+
+def _heartbeat(tally: Tally, opt: ParameterServerOptimizer | None) -> dict:
+    """What a heartbeat tells the coordinator: iteration, loss, and what the worker is
+    doing now (``training``, ``waiting`` in a push+pull, or ``detached`` from a server
+    and training locally), for the driver's live display."""
+    progress = dict(tally.progress)
+    since = progress.pop("sync_since", None)
+    if opt is not None and opt.client.detached:
+        state = "detached"
+    elif since is not None and time.monotonic() - since > WAITING_S:
+        state = "waiting"
+    else:
+        state = "training"
+    return {**progress, "state": state}
+
+
 def run_worker(spec: RoleSpec, index: int) -> int:
     job, token = spec.job, token_from_env()
     torch.set_num_threads(1)  # N workers share the cores; one thread each avoids thrashing
@@ -152,10 +172,11 @@ def run_worker(spec: RoleSpec, index: int) -> int:
     stopping, tally = threading.Event(), Tally()
     control = CoordinatorClient(spec.coordinator, token, "worker", index)
     control.register()
-    control.start_heartbeats(job.cluster.heartbeat_s, stats=lambda: dict(tally.progress),
+    connected: dict = {}
+    control.start_heartbeats(job.cluster.heartbeat_s, stats=lambda: _heartbeat(tally, connected.get("opt")),
                              on_state=lambda state: state != "running" and stopping.set())
     try:
-        opt = _connect(spec, index, token, control, work.model, log)
+        opt = connected["opt"] = _connect(spec, index, token, control, work.model, log)
     except JobStopping:  # the job ended while this worker was still finding its servers
         log.emit("worker_stop", reason="job stopping", iterations=0)
         control.close()
