@@ -131,7 +131,11 @@ class Progress:
         head.add_row(Text(f"stalwart {elapsed:6.1f}s", style="bold"), acc, f"loss {result['loss']:.3f}",
                      "train " + ("-" if train_loss is None else f"{train_loss:.3f}"),
                      f"v{result['version']}", f"{self._rate:.0f} upd/s")
-        parts = [head, self._workers_table(view.workers), self._shards_table(view.shards)]
+        parts = [head]
+        if self._last is not None and elapsed - self._last[0] > 1.5:  # show() since: no evaluation
+            parts.append(Text(f" the model could not be read since {self._last[0]:.1f}s (a server is down); "
+                              f"figures above are from then", style="yellow", overflow="ellipsis", no_wrap=True))
+        parts += [self._workers_table(view.workers), self._shards_table(view.shards)]
         if self._events:
             events = Table.grid(padding=(0, 1))
             for at, text in self._events[-EVENTS_SHOWN:]:
