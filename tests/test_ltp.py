@@ -17,7 +17,7 @@ from stalwart.shard import ShardState
 from stalwart.sync import parse_policy
 from stalwart.transport import get_transport
 from stalwart.transport.ltp import hadamard
-from stalwart.transport.ltp.packet import (ACK, CLOSED, DATA, HEADER_DTYPE, HEADER_SIZE, LAST, MUST, RESEND,
+from stalwart.transport.ltp.packet import (ACK, DATA, HEADER_DTYPE, HEADER_SIZE, LAST, MUST, RESEND,
                                            PacketBuffer, PacketError, decode_ack, encode_ack, parse_batch,
                                            payload_per_packet)
 from stalwart.transport.ltp.pacing import GAINS, BottleneckMeter, Pacer

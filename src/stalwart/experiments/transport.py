@@ -114,7 +114,7 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
     grid = [r for r in rows if r["part"] == "grid"]
     parity = [r for r in rows if r["part"] == "parity"]
     fills = [r for r in rows if r["part"] == "fills"]
-    text = [f"# TCP vs LTP through an incast bottleneck\n",
+    text = ["# TCP vs LTP through an incast bottleneck\n",
             f"{meta['workload']['cluster']['workers']} BSP workers -> 1 server, MLP "
             f"(hidden {meta['workload']['model']['hidden']}), MNIST-1D; wall {meta['wall_s']:.0f} s.\n"]
     if grid:

@@ -28,10 +28,10 @@ import numpy as np
 
 from ..base import ConnectionClosed, Listener, PayloadSink, Transport, Connection, split_address
 from ..frame import Frame, Kind, ProtocolError
-from ..tcp import TcpConnection, TcpListener, TcpTransport
+from ..tcp import TcpConnection, TcpTransport
 from . import hadamard
 from .config import LtpConfig
-from .packet import (ACK, CLOSED, DATA, HEADER_SIZE, LAST, MUST, RESEND, RETX, PacketBuffer, PacketError,
+from .packet import (ACK, CLOSED, DATA, HEADER_SIZE, MUST, RESEND, PacketBuffer, PacketError,
                      decode_ack, encode_ack, packet_count, parse_batch, payload_per_packet)
 from .pacing import BottleneckMeter, Pacer
 from .round import EarlyClose, Reassembly, fill
