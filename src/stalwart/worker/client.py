@@ -204,6 +204,23 @@ class ParameterClient:
         hint = None
         gone: set[int] = set()  # broken, and left so by the failover
         owed = {s: self._owed(request) for s in pending}
+        try:
+            hint = self._collect(request, owed, broken, gone, hint)
+        except (ConnectionError, OSError, ServerError, ProtocolError):
+            # The request failed (a failover gave up): replies other shards still owe would
+            # be read as the answers to the next request, a whole request late, forever
+            # after. Close those connections instead; the next request redials them.
+            for s in owed:
+                self.disconnect(s)
+            raise
+        if grads is not None:
+            self.hint = hint
+        return list(self.versions)
+
+    def _collect(self, request: Request, owed: dict[int, set[str]], broken: set[int], gone: set[int],
+                 hint: dict | None) -> dict | None:
+        """Read the replies ``owed`` (striking each off as it comes), dealing with shards
+        that break meanwhile through the failover; returns the sync leader's hint."""
         while owed or broken:
             # A lost shard is dealt with before the others are waited on (see Reconnect).
             for s in sorted(broken):
@@ -224,9 +241,7 @@ class ParameterClient:
                     del owed[s]
         if gone:
             self.failover.settle(self, gone)
-        if grads is not None:
-            self.hint = hint
-        return list(self.versions)
+        return hint
 
     def _ready(self, owed: dict[int, set[str]]) -> list[tuple[int, Connection]]:
         """The connections that owe a part of a reply and have something to read now (that
@@ -320,7 +335,7 @@ class ParameterClient:
         """Find shard ``s`` again and offer ``base`` (our copy, at ``version``) for its
         rebuild; returns (the version it was rebuilt at, the clock to continue from)."""
         since, failed = self._detached[s]
-        heads, tails = self.failover.resolve(failed)
+        heads, tails = self.failover.locate(failed)
         self.connect(s, heads[s], tails[s])
         self.conns[s].send(Frame(Kind.INIT, shard=s, worker=self.worker, clock=clock,
                                  meta={"version": version}), memoryview(base).cast("B"))
