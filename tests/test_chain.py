@@ -71,7 +71,7 @@ class Chain:
     def client(self) -> ParameterClient:
         heads = self.control.shard_map(5.0)
         return ParameterClient(heads, [0, SIZE], TOKEN, worker=0, tails=self.control.tails,
-                               failover=Reconnect(lambda failed: self.control.relocate(failed), 5.0))
+                               failover=Reconnect(lambda failed, wait_s: self.control.relocate(failed, timeout_s=wait_s), 5.0))
 
     def close(self) -> None:
         for r in self.replicas.values():

@@ -55,7 +55,7 @@ class Driver:
         failover = NoFailover if config.recovery.strategy == "none" else Reconnect
         self.client = ParameterClient(shards, cluster.spec.bounds, cluster.token, transport=config.cluster.transport,
                                       tails=self.control.tails,
-                                      failover=failover(lambda failed: self.control.relocate(failed, timeout_s=0.5),
+                                      failover=failover(lambda failed, wait_s: self.control.relocate(failed, timeout_s=min(wait_s, 0.5)),
                                                         0.25))
         # torch, which the driver alone needs: every role process imports this package
         # (its entry point lives here), and servers must start without it.

@@ -31,7 +31,8 @@ from typing import Callable, TypeVar
 BACKOFF_FIRST_S = 0.02
 BACKOFF_MAX_S = 1.0
 T = TypeVar("T")
-Resolve = Callable[[list[str]], tuple[list[str], list[str]]]  # failed addresses -> (heads, tails)
+# (failed addresses, how long to wait for a complete shard map) -> (heads, tails)
+Resolve = Callable[[list[str], float], tuple[list[str], list[str]]]
 # ``client`` below is the ParameterClient asking, and ``request`` its Request: passed in,
 # never imported, since the client depends on this module and not the other way round.
 
@@ -47,10 +48,19 @@ def _reconnecting_off(s: int) -> ServerUnavailable:
 class Failover:
     """The base: how to find a shard's server again, if there is any way to."""
 
+    #: how long one attempt to find the servers waits for the coordinator's shard map to
+    #: be complete (a restarted server registering): blocking is fine for a worker that
+    #: cannot go on anyway, never for one that trains through the outage
+    map_wait_s = 1.0
+
     def __init__(self, resolve: Resolve | None = None, budget_s: float = 0.0,
                  on_event: Callable[..., None] | None = None):
         self.resolve, self.budget_s = resolve, budget_s
         self.on_event = on_event or (lambda *a, **k: None)
+
+    def locate(self, failed: list[str]) -> tuple[list[str], list[str]]:
+        """Report ``failed`` and read where every shard's ends are now (or ConnectionError)."""
+        return self.resolve(failed, self.map_wait_s)
 
     @property
     def can_reach(self) -> bool:
@@ -67,7 +77,7 @@ class Failover:
         while True:
             attempts += 1
             try:
-                heads, tails = self.resolve(failed)
+                heads, tails = self.locate(failed)
                 client.connect(s, heads[s], tails[s])
                 return attempts, then()
             except (ConnectionError, OSError):
@@ -106,6 +116,8 @@ class Reconnect(Failover):
 
 class Detach(Failover):
     """Do not wait: detach every shard once the request's other replies are in."""
+
+    map_wait_s = 0.0  # a reattach attempt that finds no server returns at once: training goes on
 
     def broken(self, client, s, request, hint):
         return False, hint

@@ -72,10 +72,10 @@ def _connect(spec: RoleSpec, index: int, token: bytes, control: CoordinatorClien
     stateless servers, the training-through) that the recovery strategy calls for."""
     job, r = spec.job, spec.job.recovery
 
-    def resolve(failed: list[str]) -> tuple[list[str], list[str]]:
+    def resolve(failed: list[str], wait_s: float) -> tuple[list[str], list[str]]:
         """Where the shards are now, after reporting the servers we lost."""
         try:
-            return control.relocate(failed)
+            return control.relocate(failed, timeout_s=wait_s)
         except ConnectionError:
             if control.state != "running":
                 raise JobStopping() from None
@@ -149,13 +149,13 @@ def _train(job: JobConfig, index: int, work: LocalWork, opt: ParameterServerOpti
 WAITING_S = 0.05  # a step that has been syncing this long is waiting (at a barrier, or on its server)
 
 
-def _heartbeat(tally: Tally, opt: ParameterServerOptimizer | None) -> dict:
+def _heartbeat(tally: Tally, detached) -> dict:
     """What a heartbeat tells the coordinator: iteration, loss, and what the worker is
     doing now (``training``, ``waiting`` in a push+pull, or ``detached`` from a server
     and training locally), for the driver's live display."""
     progress = dict(tally.progress)
     since = progress.pop("sync_since", None)
-    if opt is not None and opt.client.detached:
+    if detached:
         state = "detached"
     elif since is not None and time.monotonic() - since > WAITING_S:
         state = "waiting"
@@ -172,11 +172,15 @@ def run_worker(spec: RoleSpec, index: int) -> int:
     stopping, tally = threading.Event(), Tally()
     control = CoordinatorClient(spec.coordinator, token, "worker", index)
     control.register()
-    connected: dict = {}
-    control.start_heartbeats(job.cluster.heartbeat_s, stats=lambda: _heartbeat(tally, connected.get("opt")),
+    # The heartbeat thread sees only the view of the detached shards, never the optimizer:
+    # a daemon thread that dropped the last reference to the model's tensors during the
+    # interpreter's shutdown would free them without the GIL, and abort the process.
+    detached: dict = {}
+    control.start_heartbeats(job.cluster.heartbeat_s, stats=lambda: _heartbeat(tally, detached.get("shards")),
                              on_state=lambda state: state != "running" and stopping.set())
     try:
-        opt = connected["opt"] = _connect(spec, index, token, control, work.model, log)
+        opt = _connect(spec, index, token, control, work.model, log)
+        detached["shards"] = opt.client.detached
     except JobStopping:  # the job ended while this worker was still finding its servers
         log.emit("worker_stop", reason="job stopping", iterations=0)
         control.close()
