@@ -7,7 +7,9 @@ import matplotlib.figure
 import pytest
 
 from stalwart.experiments import failure, sync
-from stalwart.metrics.plots import line_styles, plot_runs
+import math
+
+from stalwart.metrics.plots import line_styles, plot_runs, with_gaps
 
 
 @pytest.fixture
@@ -77,3 +79,10 @@ def test_overlay_of_twelve_runs_and_a_single_run_with_its_kill_labelled(figures,
     plot_runs([one], tmp_path / "one.png")
     texts = {t.get_text() for t in figures[1].axes[0].texts}
     assert {"kill server 0", "restart"} <= texts
+
+
+def test_a_time_without_evaluations_is_a_gap_in_the_line():
+    xs, ys = with_gaps([0.0, 1.0, 2.0, 9.0, 10.0], [0.1, 0.2, 0.3, 0.8, 0.9])
+    assert xs == [0.0, 1.0, 2.0, 5.5, 9.0, 10.0]
+    assert math.isnan(ys[3]) and ys[:3] == [0.1, 0.2, 0.3] and ys[4:] == [0.8, 0.9]
+    assert with_gaps([0.0, 1.0, 2.0], [0.1, 0.2, 0.3]) == ([0.0, 1.0, 2.0], [0.1, 0.2, 0.3])

@@ -69,6 +69,23 @@ def label_of(summary: dict) -> str:
             f" ({Path(summary['run_dir']).name})")
 
 
+def with_gaps(xs: list[float], ys: list[float]) -> tuple[list[float], list[float]]:
+    """The curve with a break (NaN) wherever evaluations stopped for more than 2.5 of
+    their usual intervals: a time the model could not be read is a gap, not a line."""
+    steps = sorted(b - a for a, b in zip(xs, xs[1:]))
+    if not steps:
+        return xs, ys
+    limit = 2.5 * steps[len(steps) // 2]
+    gx, gy = xs[:1], ys[:1]
+    for (a, b), y in zip(zip(xs, xs[1:]), ys[1:]):
+        if b - a > limit:
+            gx.append((a + b) / 2)
+            gy.append(float("nan"))
+        gx.append(b)
+        gy.append(y)
+    return gx, gy
+
+
 def plot_runs(summaries: list[dict], out: Path) -> Path:
     many = len(summaries) > 1
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12 if many else 11, 4.2))
@@ -76,8 +93,10 @@ def plot_runs(summaries: list[dict], out: Path) -> Path:
     for s in summaries:
         xs = [p["elapsed_s"] for p in s["curve"]]
         label = label_of(s)
-        ax_acc.plot(xs, [p["accuracy"] for p in s["curve"]], label=label if many else None, **styles[label])
-        ax_loss.plot(xs, [p["loss"] for p in s["curve"]], label=label if many else None, **styles[label])
+        ax_acc.plot(*with_gaps(xs, [p["accuracy"] for p in s["curve"]]), label=label if many else None,
+                    **styles[label])
+        ax_loss.plot(*with_gaps(xs, [p["loss"] for p in s["curve"]]), label=label if many else None,
+                     **styles[label])
         if s.get("target_accuracy") is not None and not many:
             ax_acc.axhline(s["target_accuracy"], color="grey", ls=":", lw=1)
         for k in s.get("kills", []) if not many else []:
