@@ -62,3 +62,35 @@ def test_without_a_terminal_it_prints_plain_status_and_event_lines():
     assert lines[0].startswith("    1.0s  acc 0.912") and "1 training, 1 at barrier, 1 detached" in lines[0]
     assert lines[1] == "    2.5s  restart server 2"
     assert "136 updates/s" in lines[2]   # (5000 - 4321) / 5 s
+
+
+def test_the_watch_builds_the_view_from_membership_heartbeats_and_the_fault_schedule():
+    from types import SimpleNamespace
+
+    from stalwart.config import JobConfig
+    from stalwart.launch.watch import ClusterWatch
+
+    config = JobConfig.validate_dict({"cluster": {"workers": 5, "servers": 1}, "sync": {"policy": "bsp"},
+                                      "recovery": {"strategy": "chain", "replicas": 3}})
+    notes = []
+    progress = SimpleNamespace(note=lambda at, text: notes.append((at, text)))
+    injector = SimpleNamespace(down={("worker", 3): 12.0, ("worker", 4): float("inf"), ("server", 1): 20.0})
+    watch = ClusterWatch(config, progress, injector, finished={2})
+
+    def status(chain, clocks):
+        states = ["training", "waiting", "training", "training", "training"]
+        members = [{"role": "worker", "index": w, "alive": True,
+                    "stats": {"clock": clocks[w], "loss": 0.5, "state": states[w]}} for w in range(5)]
+        members += [{"role": "server", "index": i, "alive": i in chain, "stats": {"version": 100 + i}}
+                    for i in range(3)]
+        return {"members": members, "chains": [chain]}
+
+    watch.view(status([0, 1, 2], [10] * 5), 9.0)
+    view = watch.view(status([0, 2], [30] * 5), 10.0)
+    assert [(w.state, w.note) for w in view.workers] == [
+        ("training", ""), ("at barrier", ""), ("finished", ""), ("restarting", "in 2s"), ("dead", "")]
+    assert view.workers[0].rate == 20.0 and view.workers[3].rate is None
+    (shard,) = view.shards
+    assert shard.servers == [0, 2] and shard.version == 102
+    assert (10.0, "shard 0 chain: servers 0, 1, 2 [dim]now[/dim] servers 0, 2") in notes
+    assert (9.0, "server 1 [red]down[/red]") in notes     # the injector killed it: down at once

@@ -3,8 +3,8 @@
 :class:`Driver` is what :class:`~stalwart.launch.job.Job` runs once its cluster is up.
 Each concern is one method: :meth:`Driver.check` (a role that exited: expected, a
 finished worker, or the end of the job), :meth:`Driver._inject` (the fault schedule),
-:meth:`Driver._evaluate` (one test pass as an observer, with the progress display and
-TensorBoard fed) and :meth:`Driver._stop` (workers first, so that they leave their
+:meth:`Driver._evaluate` (one test pass as an observer, with the live display, which a
+:class:`~stalwart.launch.watch.ClusterWatch` feeds, and TensorBoard) and :meth:`Driver._stop` (workers first, so that they leave their
 barriers, then a final evaluation, then the servers and the coordinator).
 """
 
@@ -16,13 +16,14 @@ from typing import Callable
 from ..config import JobConfig
 from ..faults import FaultInjector, parse_kill
 from ..metrics import EventLog
-from ..metrics.progress import ClusterView, Progress, ShardView, WorkerView
+from ..metrics.progress import Progress
 from ..metrics.tensorboard import TensorBoardSink
 from ..recovery.chain import Member
 from ..worker.client import ParameterClient, ServerError
 from ..worker.failover import NoFailover, Reconnect
 from .base import Exit
 from .cluster import Cluster, ClusterError
+from .watch import ClusterWatch
 
 STOP_TIMEOUT_S = 30.0
 
@@ -62,12 +63,8 @@ class Driver:
         from ..worker.evaluator import Evaluator
         self.evaluator = Evaluator(model, ds.x_test, ds.y_test, self.client)
         self.tensorboard = TensorBoardSink(config.tensorboard) if config.tensorboard is not None else None
-        self.t_start: float | None = None
-        self._seen: dict[int, tuple[float, int]] = {}    # worker -> (elapsed, clock) at the last view
-        self._chains: list[list[int]] | None = None
-        self._servers_down: set[int] = set()
-        self.barrier = not config.sync.policy.startswith("asp")  # a waiting worker waits at a barrier
-        log.listeners.append(self._on_event)
+        self.watch = ClusterWatch(config, progress, self.injector, self.finished)
+        log.listeners.append(self.watch.on_event)
 
     # --- the roles ---------------------------------------------------------------------
     def check(self, exits: list[Exit]) -> None:
@@ -92,79 +89,6 @@ class Driver:
             return None
         return {"head": members[0], "middle": members[len(members) // 2], "tail": members[-1]}[position]
 
-    # --- the live view ---------------------------------------------------------------
-    def _elapsed(self) -> float:
-        return 0.0 if self.t_start is None else time.monotonic() - self.t_start
-
-    def _on_event(self, record: dict) -> None:
-        """Faults as the injector makes them, for the live display."""
-        kind, role, index = record["event"], record.get("member_role"), record.get("member_index")
-        if kind == "kill":
-            down = record.get("down_s")
-            self.progress.note(record["at_s"], f"[red]kill[/red] {role} {index} ({record.get('rule')})"
-                                               + ("" if down is None else f", back in {down:g}s"))
-        elif kind == "restart":
-            self.progress.note(record["at_s"], f"[magenta]restart[/magenta] {role} {index}")
-        elif kind == "kill_skipped":
-            self.progress.note(record["at_s"], f"kill of {role} {index} skipped: {record.get('reason')}")
-
-    def _view(self, status: dict, elapsed: float) -> ClusterView:
-        """Who is doing what, from the coordinator's membership, the workers' heartbeats
-        and the fault injector's schedule; notes chain changes and servers lost or back."""
-        members = {(m["role"], m["index"]): m for m in status["members"]}
-        workers = []
-        for w in range(self.config.cluster.workers):
-            m = members.get(("worker", w)) or {}
-            stats = m.get("stats") or {}
-            clock = stats.get("clock")
-            restart_at = self.injector.down.get(("worker", w)) if self.injector else None
-            rate, seen = None, self._seen.get(w)
-            if clock is not None and seen is not None and elapsed > seen[0] and clock >= seen[1]:
-                rate = (clock - seen[1]) / (elapsed - seen[0])
-            if clock is not None:
-                self._seen[w] = (elapsed, clock)
-            note = ""
-            if restart_at is not None:
-                state = "dead" if restart_at == float("inf") else "restarting"
-                note = "" if state == "dead" else f"in {max(0.0, restart_at - elapsed):.0f}s"
-            elif w in self.finished:
-                state = "finished"
-            elif not m:
-                state = "starting"
-            elif not m.get("alive"):
-                state = "dead"
-            else:
-                state = stats.get("state", "training")
-                if state == "waiting" and self.barrier:
-                    state = "at barrier"
-            workers.append(WorkerView(w, state, clock, rate if state not in ("dead", "restarting") else None,
-                                      stats.get("loss"), note))
-        chains = [list(c) for c in status.get("chains") or []]
-        down = {i for (role, i), m in members.items() if role == "server" and not m.get("alive")}
-        down |= {i for (role, i) in (self.injector.down if self.injector else {}) if role == "server"}
-        if self._chains is not None:
-            for s, (old, new) in enumerate(zip(self._chains, chains)):
-                if old != new:
-                    self.progress.note(elapsed, f"shard {s} chain: {self._chain_text(old)} [dim]now[/dim] "
-                                                f"{self._chain_text(new)}")
-        for i in sorted(down - self._servers_down):
-            self.progress.note(elapsed, f"server {i} [red]down[/red]")
-        for i in sorted(self._servers_down - down):
-            self.progress.note(elapsed, f"server {i} [green]back[/green]")
-        self._chains, self._servers_down = chains, down
-        replicas = self.config.recovery.replicas_per_shard
-        shards = []
-        for s in range(self.config.cluster.servers):
-            servers = chains[s] if s < len(chains) and chains[s] else list(range(s * replicas, (s + 1) * replicas))
-            versions = [(members.get(("server", i), {}).get("stats") or {}).get("version") for i in servers]
-            known = [v for v in versions if v is not None]
-            shards.append(ShardView(s, servers, {i for i in servers if i in down}, max(known) if known else None))
-        return ClusterView(workers, shards)
-
-    @staticmethod
-    def _chain_text(chain: list[int]) -> str:
-        return ("servers " + ", ".join(map(str, chain))) if chain else "no server"
-
     def _members(self, role: str) -> list[dict]:
         return [m for m in self.control.call("status")["members"] if m["role"] == role]
 
@@ -181,7 +105,7 @@ class Driver:
         # process start-up; wait for that on the control plane, watching for crashes.
         while not all((m["stats"] or {}).get("initialized") for m in self._members("server")):
             self.check(self.launcher.wait(0.05))
-        t_start = self.t_start = time.monotonic()
+        t_start = time.monotonic()
         self.log.emit("train_start")
         reason, next_eval = None, t_start
         while reason is None:
@@ -222,7 +146,7 @@ class Driver:
             elapsed = time.monotonic() - t_start
             self.log.emit("eval_skipped", elapsed_s=elapsed, reason=str(exc), **({"final": True} if final else {}))
             if not final:  # the model cannot be read, but the cluster can: keep the view live
-                self.progress.show(elapsed, self._view(self.control.call("status"), elapsed))
+                self.progress.show(elapsed, self.watch.view(self.control.call("status"), elapsed))
             if not final and t.duration_s is not None and elapsed >= t.duration_s:
                 return f"duration of {t.duration_s:g}s reached"
             return None
@@ -233,7 +157,7 @@ class Driver:
         losses = [w["stats"]["loss"] for w in workers if (w.get("stats") or {}).get("loss") is not None]
         train_loss = sum(losses) / len(losses) if losses else None
         if not final:
-            self.progress.update(elapsed, result, self._view(status, elapsed), train_loss)
+            self.progress.update(elapsed, result, self.watch.view(status, elapsed), train_loss)
         if self.tensorboard is not None:
             self.tensorboard.add(elapsed, result, train_loss)
         if final:
