@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from stalwart.config import ConfigError, JobConfig
 from stalwart.launch import Job
 from stalwart.metrics import EventLog
-from stalwart.recovery.stateless import RebuildWindow, StatelessRecovery, flush_scale
+from stalwart.recovery.stateless import OuterMerge, RebuildWindow, StatelessRecovery, flush_scale
 from stalwart.optim import build_optimizer
 from stalwart.server.server import ParameterServer
 from stalwart.shard import ShardState
@@ -217,6 +217,78 @@ def test_a_fresh_server_rebuilds_from_the_freshest_copy_then_applies_flushes(sta
     assert server.shard.version == 43
     for c in conns:
         c.close()
+
+
+def test_a_huge_flush_is_refused_by_name_and_the_shard_is_untouched(stateless_server):
+    server, token = stateless_server
+    conns = [offer(server.address, token, w, 10, 1.0) for w in (0, 1)]
+    for c in conns:
+        assert c.recv().kind == Kind.ACK
+    before = server.shard.params.copy()
+    conns[0].send(Frame(Kind.FLUSH, worker=0, meta={"count": 5, "base_version": 10}),
+                  memoryview(np.full(SIZE, 1e6, np.float32)).cast("B"))   # a million times the shard
+    reason = conns[0].recv().meta["reason"]
+    assert "its change has L2 norm" in reason and "more than 10x" in reason and "untouched" in reason
+    np.testing.assert_array_equal(server.shard.params, before)
+    assert server.shard.version == 10
+    for c in conns:
+        c.close()
+
+
+def test_the_outer_merge_is_one_nesterov_step_on_the_step_weighted_mean_change():
+    merge = OuterMerge(workers=2, window_s=5.0, lr=0.7, momentum=0.9)
+    params = np.zeros(4, np.float32)
+    merge.add(0, np.array([1, 0, 0, 0], np.float32), 1, now=0.0)
+    assert merge.time_left(1.0) == 4.0          # one of two backlogs in: the window is open
+    merge.add(1, np.array([0, 4, 0, 0], np.float32), 3, now=0.5)
+    assert merge.time_left(1.0) == 0.0          # every worker's in: it closes at once
+    outer, grad, merged = merge.close(4)
+    mean = np.array([0.25, 3.0, 0, 0])          # weighted by local steps: (1*d0 + 3*d1) / 4
+    np.testing.assert_allclose(grad, -mean)
+    outer.step(params, grad)
+    # A fresh Nesterov buffer: the first step is lr * (1 + momentum) = 1.33 times the mean.
+    np.testing.assert_allclose(params, 1.33 * mean, rtol=1e-6)
+    assert merged == 2 and merge.pending == [] and merge.merges == 1
+
+    # A second outage: the buffer carried over adds momentum * (its first value).
+    merge.add(0, np.array([0, 0, 2, 0], np.float32), 2, now=10.0)
+    outer2, grad2, _ = merge.close(4)
+    assert outer2 is outer
+    outer.step(params, grad2)
+    buf = 0.9 * (-mean) + np.array([0, 0, -2, 0])          # v = momentum * v + g
+    expected = 1.33 * mean - 0.7 * (np.array([0, 0, -2, 0]) + 0.9 * buf)
+    np.testing.assert_allclose(params, expected, rtol=1e-5)
+
+
+def test_no_local_steps_no_merge_step():
+    merge = OuterMerge(workers=1, window_s=1.0, lr=0.7, momentum=0.9)
+    merge.add(0, np.zeros(3, np.float32), 0, now=0.0)
+    assert merge.close(3)[1] is None
+
+
+def test_the_outer_rule_acknowledges_every_flush_once_the_merge_is_applied():
+    server = in_process_server(StatelessRecovery(RebuildWindow(workers=2, window_s=5.0), "outer", 1.0))
+    try:
+        conns = [offer(server.address, server.token, w, 20, 1.0) for w in (0, 1)]
+        for c in conns:
+            assert c.recv().kind == Kind.ACK
+        acks = {}
+        conns[0].send(Frame(Kind.FLUSH, worker=0, meta={"count": 2, "base_version": 20}),
+                      memoryview(np.full(SIZE, 0.5, np.float32)).cast("B"))
+        waiter = threading.Thread(target=lambda: acks.update(a=conns[0].recv()))
+        waiter.start()
+        assert server.shard.version == 20            # held: the second worker's backlog is not in yet
+        conns[1].send(Frame(Kind.FLUSH, worker=1, meta={"count": 2, "base_version": 20}),
+                      memoryview(np.full(SIZE, 1.5, np.float32)).cast("B"))
+        acks["b"] = conns[1].recv()
+        waiter.join(10)
+        assert acks["a"].clock == acks["b"].clock == 21                 # one merge, one version
+        np.testing.assert_allclose(server.shard.params, 1.0 + 1.33 * 1.0, rtol=1e-6)  # mean change 1.0
+        for c in conns:
+            c.close()
+    finally:
+        server.shard.stop_waiting()
+        server.close()
 
 
 def test_a_flush_to_a_server_that_is_not_stateless_is_refused():

@@ -104,7 +104,7 @@ def train(
     checkpoint_every: Optional[int] = typer.Option(
         None, help="checkpoint: snapshot every N updates; relaxed chain: send the state every N updates"),
     flush_rule: Optional[str] = typer.Option(
-        None, help="stateless: how a worker's backlog is applied: sum | mean | staleness | clip"),
+        None, help="stateless: how a worker's backlog is applied: sum | mean | staleness | clip | outer"),
     backlog_max: Optional[int] = typer.Option(None, help="stateless: local steps a worker may owe a shard"),
     kill: Optional[list[str]] = typer.Option(
         None, "--kill", help="SIGKILL a role: server:0@30s | worker:1@clock=200 | server:0@20s,down=5s | "
@@ -465,7 +465,7 @@ def experiment_failure(
     kills: Optional[list[int]] = typer.Option(None, "--kills", help="kill counts to run (default 0, 1, 2)"),
     kill_at: Optional[list[float]] = typer.Option(None, "--kill-at", help="seconds of each kill (default 5, 15)"),
     down: Optional[float] = typer.Option(None, min=0, help="seconds a killed server stays down (default 5)"),
-    flush_rules: bool = typer.Option(True, help="also run stateless with the sum, staleness and clip rules (1 kill)"),
+    flush_rules: bool = typer.Option(True, help="also run stateless with the sum, staleness, clip and outer rules (1 kill)"),
     workers: int = typer.Option(4, min=1),
     servers: int = typer.Option(2, min=1),
     sync: str = typer.Option("asp", help="sync policy of every run"),

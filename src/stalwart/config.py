@@ -174,6 +174,10 @@ class RecoveryConfig(_Section):
     flush_rule: FlushRule = Field(
         FlushRule.MEAN, description="stateless: how a backlog is applied (see stalwart.recovery.stateless.flush_scale)")
     flush_clip: float = Field(1.0, gt=0, description="stateless, clip rule: largest L2 norm of a flushed change")
+    outer_lr: float = Field(0.7, gt=0, le=10, description="stateless, outer rule: the outer SGD's learning rate")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="stateless, outer rule: its Nesterov momentum")
+    flush_max_ratio: float = Field(10.0, gt=0, description="stateless: refuse a flushed change whose L2 norm "
+                                                             "exceeds this many times the shard's")
     rebuild_window_s: float = Field(1.0, gt=0, le=60, description="stateless: how long a fresh server collects copies")
     snapshot: bool = Field(False, description="stateless: also snapshot to disk, a rebuild candidate if newer")
 

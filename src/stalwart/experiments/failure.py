@@ -42,7 +42,7 @@ from ..metrics.plots import legend_beside, line_styles, mark_outage  # noqa: E40
 from .common import Case, accuracy_band, markdown_table, mean, pm, run_cases, spread  # noqa: E402
 
 STRATEGIES = ["none", "checkpoint", "chain/strong", "chain/relaxed", "stateless"]
-FLUSH_VARIANTS = ["stateless/sum", "stateless/staleness", "stateless/clip"]
+FLUSH_VARIANTS = ["stateless/sum", "stateless/staleness", "stateless/clip", "stateless/outer"]
 FULL = {"seeds": 3, "duration_s": 30.0, "kill_at_s": (5.0, 15.0), "down_s": 5.0}
 QUICK = {"seeds": 1, "duration_s": 14.0, "kill_at_s": (3.0, 8.0), "down_s": 2.0}
 

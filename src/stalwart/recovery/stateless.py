@@ -27,7 +27,22 @@ shard's server dies, nothing is lost for good, and nobody needs to stop:
    ``params += scale * delta``, outside the optimizer's moments (momentum fed with a
    sum of hundreds of steps would repeat it ~1/(1-beta) times), with ``scale`` chosen
    by the flush rule (:func:`flush_scale`). The worker pulls the merged parameters and
-   goes back to normal steps.
+   goes back to normal steps. Or, with the ``outer`` rule, the server collects the
+   workers' backlogs for a window and applies them at once as one step of an *outer
+   optimizer*, as DiLoCo does (Douillard et al. 2023, and torchft's ``LocalSGD``/
+   ``DiLoCo``): the sample-weighted mean of the workers' changes is a pseudo-gradient
+   (``-mean``) fed to SGD with Nesterov momentum (``outer_lr`` 0.7, ``outer_momentum``
+   0.9 by default). With a fresh momentum buffer that first step moves the shard by
+   ``outer_lr * (1 + outer_momentum)`` = 1.33 times the mean change; the buffer then
+   persists in this server process from one outage to the next (a restarted server
+   starts a fresh one), so a second outage's merge also carries 0.9 of the first's.
+   What the merge never touches, under any rule: the shard's own optimizer state
+   (SGD's momentum, Adam's moments), which the workers' pushes go on feeding after the
+   merge, from where the shard stood before it (a rebuilt shard's optimizer starts
+   fresh, since it was not in the workers' copies).
+4. **Refuse what would blow up.** A flush whose change is not finite is refused by
+   name (the payload check); one whose L2 norm exceeds ``flush_max_ratio`` times the
+   shard's own norm is refused too, and in both cases the shard is left untouched.
 
 Why deltas and not gradients: a delta is the progress a worker really made, whatever
 its optimizer, so ``sum`` reproduces a worker's own local model exactly on top of its
@@ -42,6 +57,7 @@ import time
 
 import numpy as np
 
+from ..optim import build_optimizer
 from ..shard import Snapshot
 from ..transport import Frame, Kind
 from ..transport.service import Refused, Session
@@ -50,11 +66,12 @@ from .checkpoint import Checkpointer
 
 
 class FlushRule(enum.StrEnum):
-    """How a server applies a flushed backlog (:func:`flush_scale`)."""
+    """How a server applies a flushed backlog (:func:`flush_scale`; ``outer``: :class:`OuterMerge`)."""
     SUM = "sum"
     MEAN = "mean"
     STALENESS = "staleness"
     CLIP = "clip"
+    OUTER = "outer"
 
     @classmethod
     def parse(cls, rule: "FlushRule | str") -> "FlushRule":
@@ -77,6 +94,8 @@ def flush_scale(rule: "FlushRule | str", delta: np.ndarray, workers: int, stalen
     * ``clip``: as ``mean``, with the result's L2 norm clipped to ``clip_norm``.
     """
     rule = FlushRule.parse(rule)
+    if rule == FlushRule.OUTER:
+        raise ValueError("the outer rule merges all backlogs at once (OuterMerge), not one by one")
     if rule == FlushRule.SUM:
         return 1.0
     if rule == FlushRule.MEAN:
@@ -129,6 +148,56 @@ class RebuildWindow:
         return self.opened + self.window_s - now
 
 
+class OuterMerge:
+    """The ``outer`` rule: backlogs collected for a window, then one outer-optimizer step.
+
+    ``add`` takes a worker's backlog (``delta``: the change its ``count`` local steps
+    made); the window opens with the first and closes ``window_s`` later or as soon as
+    ``workers`` backlogs are in. Then :meth:`pseudo_gradient` is minus their mean,
+    weighted by the local steps (the samples, at a fixed batch) each holds, and the
+    outer optimizer (SGD with Nesterov momentum) takes one step with it.
+    """
+
+    def __init__(self, workers: int, window_s: float, lr: float, momentum: float):
+        self.workers, self.window_s, self.lr, self.momentum = workers, window_s, lr, momentum
+        self.optimizer = None   # made at the first merge: its momentum lives from merge to merge
+        self.pending: list[tuple[int, np.ndarray, int]] = []
+        self.opened: float | None = None
+        self.merges = 0         # merges applied; a waiter knows its backlog is in by this moving on
+
+    def add(self, worker: int, delta: np.ndarray, count: int, now: float) -> int:
+        """Queue a backlog (copied); returns the merge number it will be part of."""
+        if self.opened is None:
+            self.opened = now
+        self.pending.append((worker, delta.copy(), count))
+        return self.merges
+
+    def time_left(self, now: float) -> float:
+        if self.opened is None:
+            return math.inf
+        if len({w for w, _, _ in self.pending}) >= self.workers:
+            return 0.0
+        return self.opened + self.window_s - now
+
+    def pseudo_gradient(self) -> np.ndarray | None:
+        """Minus the step-weighted mean change of the pending backlogs (None: no steps)."""
+        weights = np.array([count for _, _, count in self.pending], dtype=np.float64)
+        if not weights.sum() > 0:
+            return None
+        mean = sum(np.float64(w / weights.sum()) * d.astype(np.float64) for w, (_, d, _) in zip(weights, self.pending))
+        return (-mean).astype(np.float32)
+
+    def close(self, size: int):
+        """The window is over: (the outer optimizer, the pseudo-gradient or None, how
+        many backlogs it merges); the pending backlogs are taken."""
+        if self.optimizer is None:
+            self.optimizer = build_optimizer("sgd", size, lr=self.lr, momentum=self.momentum, nesterov=True)
+        grad, merged = self.pseudo_gradient(), len(self.pending)
+        self.pending, self.opened = [], None
+        self.merges += 1
+        return self.optimizer, grad, merged
+
+
 class StatelessRecovery(RecoveryStrategy):
     """The server's side of stateless recovery: rebuild from the workers' offers (and
     its own snapshot, with ``checkpointer``), then take their backlogs as FLUSH frames."""
@@ -137,9 +206,13 @@ class StatelessRecovery(RecoveryStrategy):
     owns = frozenset({Kind.FLUSH})
 
     def __init__(self, window: RebuildWindow, rule: FlushRule | str, clip: float,
-                 checkpointer: Checkpointer | None = None):
+                 checkpointer: Checkpointer | None = None, *, outer_lr: float = 0.7, outer_momentum: float = 0.9,
+                 max_ratio: float = 10.0):
         self.window, self.rule, self.clip = window, FlushRule.parse(rule), clip
         self.checkpointer = checkpointer
+        self.max_ratio = max_ratio
+        self.merge = OuterMerge(window.workers, window.window_s, outer_lr, outer_momentum) \
+            if self.rule == FlushRule.OUTER else None
 
     def bind(self, shard, serve, log) -> None:
         super().bind(shard, serve, log)
@@ -188,13 +261,48 @@ class StatelessRecovery(RecoveryStrategy):
         with shard.lock:
             if not shard.wait_initialized():
                 raise Refused(f"shard {shard.shard} holds no parameters to flush into")
+            self._check_size(frame.worker, delta)
             staleness = max(0, shard.version - base)
-            scale = flush_scale(self.rule, delta, shard.workers, staleness, self.clip)
-            version = shard.apply_flush(delta, scale)
+            if self.merge is not None:
+                version, scale = self._merged(frame.worker, delta, count), None
+            else:
+                scale = flush_scale(self.rule, delta, shard.workers, staleness, self.clip)
+                version = shard.apply_flush(delta, scale)
         self.log.emit("flush_applied", shard=shard.shard, worker=frame.worker, count=count, base_version=base,
                       staleness=staleness, scale=scale, rule=self.rule.value, version=version)
         session.conn.send(Frame(Kind.ACK, shard=shard.shard, worker=frame.worker, clock=version,
                                 meta={"staleness": staleness, "scale": scale}))
+
+    def _check_size(self, worker: int, delta: np.ndarray) -> None:
+        """Refuse a change far larger than the shard itself (lock held): applied, it
+        would replace the model rather than correct it."""
+        norm = float(np.linalg.norm(delta.astype(np.float64, copy=False)))
+        own = float(np.linalg.norm(self.shard.params.astype(np.float64, copy=False)))
+        if own > 0 and norm > self.max_ratio * own:
+            raise Refused(f"FLUSH from worker {worker}: its change has L2 norm {norm:.3g}, more than "
+                          f"{self.max_ratio:g}x shard {self.shard.shard}'s own ({own:.3g}); refused, "
+                          f"the shard is untouched")
+
+    def _merged(self, worker: int, delta: np.ndarray, count: int) -> int:
+        """Queue this backlog for the outer merge and wait (lock held) until the merge it
+        is part of has been applied, by whichever flush closes the window; returns the
+        version after it."""
+        shard, merge = self.shard, self.merge
+        mine = merge.add(worker, delta, count, time.monotonic())
+        shard.lock.notify_all()
+        while merge.merges == mine and not shard.stopping:
+            left = merge.time_left(time.monotonic())
+            if left <= 0:
+                outer, grad, merged = merge.close(shard.size)
+                if grad is not None:
+                    shard.apply_merge(outer, grad)
+                    self.log.emit("merged", shard=shard.shard, rule="outer", lr=merge.lr, momentum=merge.momentum,
+                                  backlogs=merged, version=shard.version,
+                                  pseudo_grad_norm=round(float(np.linalg.norm(grad)), 6))
+                shard.lock.notify_all()
+                break
+            shard.lock.wait(left)
+        return shard.version
 
     def close(self) -> None:
         if self.checkpointer is not None:

@@ -36,7 +36,8 @@ def recovery_from_config(job: JobConfig, run_dir: str, index: int, shard: int, l
         return CheckpointRecovery(checkpointer)
     if r.strategy == "stateless":
         return StatelessRecovery(RebuildWindow(job.cluster.workers, r.rebuild_window_s), r.flush_rule,
-                                 r.flush_clip, checkpointer)
+                                 r.flush_clip, checkpointer, outer_lr=r.outer_lr, outer_momentum=r.outer_momentum,
+                                 max_ratio=r.flush_max_ratio)
     if r.strategy == "chain":
         return ChainRecovery(index, control, token, job.cluster.transport, r.mode, r.every_updates or 0)
     return RecoveryStrategy()

@@ -9,6 +9,7 @@ that guard them. Everything that changes it is one *log entry* applied by one me
 ``push``       a worker's gradient for a clock; the policy decides what to apply
 ``leave``      a worker left (or was lost); its absence may complete a barrier
 ``flush``      a stateless worker's backlog, added outside the optimizer
+``merge``      the workers' backlogs at once, as one outer optimizer step
 =============  ==============================================================
 
 These are deterministic given the entry (a chain's head stamps the wall time into
@@ -109,6 +110,14 @@ class ShardState:
         :mod:`stalwart.recovery.stateless` for why); returns the version."""
         with self.rw.write():
             self.params += np.float32(scale) * delta
+        self._updated()
+        return self.version
+
+    def apply_merge(self, outer: ServerOptimizer, pseudo_grad: np.ndarray) -> int:
+        """One step of an outer optimizer (the stateless ``outer`` rule) on the merged
+        backlogs, beside the shard's own optimizer, whose state it leaves alone."""
+        with self.rw.write():
+            outer.step(self.params, pseudo_grad)
         self._updated()
         return self.version
 
