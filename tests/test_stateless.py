@@ -330,6 +330,10 @@ def test_workers_train_through_a_sigkilled_server_and_rebuild_it(run_root):
     assert sorted((e["shard"], e["index"]) for e in flushed) == [(s, w) for s in (0, 1) for w in (0, 1, 2)]
     assert all(e["local_steps"] > 10 and e["count"] == e["local_steps"] and e["compute_s"] > 0.3 for e in flushed)
     assert summary["compute_while_down_s"] > 1.0
+    # ...worker 0 scored its own copy meanwhile, so the curve goes on through the outage...
+    local = summary["local_curve"]
+    assert local and all(kill["at_s"] < p["elapsed_s"] < kill["at_s"] + kill["recovered_s"] + 1.0 for p in local)
+    assert all(0.0 <= p["accuracy"] <= 1.0 for p in local)
     # ...the fresh server took the freshest copy, then every backlog...
     (rebuilt,) = events(run_dir, "rebuilt")
     assert rebuilt["shard"] == 0

@@ -255,7 +255,7 @@ def report(
         path = plot_runs(summaries, overlay)
         console.print(f"overlay plot: {path}")
     if as_json:
-        print(json.dumps([{k: v for k, v in s.items() if k != "curve"} for s in summaries], indent=1))
+        print(json.dumps([{k: v for k, v in s.items() if k not in ("curve", "local_curve")} for s in summaries], indent=1))
     else:
         _print_table(summaries)
 

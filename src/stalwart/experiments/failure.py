@@ -215,12 +215,20 @@ def plot(summaries: list[dict], grid: list[tuple[str, int]], base: dict, kill_at
             m, lo, hi = accuracy_band(runs, times, hold_s=hold)
             ax.plot(times, m, label=strategy, **styles[strategy])
             ax.fill_between(times, lo, hi, color=styles[strategy]["color"], alpha=0.12, lw=0)
+            local = [{"curve": r.get("local_curve") or []} for r in runs]
+            if any(r["curve"] for r in local):  # stateless: worker 0's own copy while detached
+                lm, _, _ = accuracy_band(local, times, hold_s=hold)
+                ax.plot(times, lm, color=styles[strategy]["color"], ls=":", lw=1.2)
         for i, t in enumerate(kill_at_s[:kills], 1):
             mark_outage(ax, t, t + down_s, f"kill {i}: down {down_s:g} s")
         ax.set(xlabel="wall time since training started (s)", title=f"{kills} kill(s) of shard 0's server",
                ylim=(0, 1))
         ax.grid(alpha=0.3)
-    legend_beside(axes[0][-1], handles=[plt.Line2D([], [], label=s, **styles[s]) for s in styles])
+    handles = [plt.Line2D([], [], label=s, **styles[s]) for s in styles]
+    if any(s.get("local_curve") for s in summaries):
+        handles.append(plt.Line2D([], [], color="black", ls=":", lw=1.2, label="dotted: worker 0's own copy\n"
+                                                                               "while detached (stateless)"))
+    legend_beside(axes[0][-1], handles=handles)
     axes[0][0].set_ylabel("test accuracy (mean, min-max over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

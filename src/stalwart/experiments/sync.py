@@ -103,7 +103,7 @@ def aggregate(summaries: list[dict], policies: list[str], base: dict) -> dict:
         })
     return {"target_accuracy": target, "bsp_final_accuracy": bsp_final, "bsp_time_to_final_s": bsp_time,
             "workload": base, "policies": rows,
-            "runs": [{k: v for k, v in s.items() if k != "curve"} for s in summaries]}
+            "runs": [{k: v for k, v in s.items() if k not in ("curve", "local_curve")} for s in summaries]}
 
 
 def render_markdown(result: dict) -> str:

@@ -97,6 +97,11 @@ def plot_runs(summaries: list[dict], out: Path) -> Path:
                     **styles[label])
         ax_loss.plot(*with_gaps(xs, [p["loss"] for p in s["curve"]]), label=label if many else None,
                      **styles[label])
+        if s.get("local_curve") and not many:  # through the outage: worker 0's own copy
+            local = s["local_curve"]
+            ax_acc.plot([p["elapsed_s"] for p in local], [p["accuracy"] for p in local], ls=":", marker=".",
+                        color=styles[label]["color"], label="worker 0's local copy (server down)")
+            ax_acc.legend(fontsize=7, loc="upper left")  # early on the curve is low: that corner is free
         if s.get("target_accuracy") is not None and not many:
             ax_acc.axhline(s["target_accuracy"], color="grey", ls=":", lw=1)
         for k in s.get("kills", []) if not many else []:

@@ -23,6 +23,16 @@ def _curve(events: list[dict]) -> list[dict]:
              "version": e["version"]} for e in events if e["event"] == "eval"]
 
 
+def _local_curve(events: list[dict]) -> list[dict]:
+    """Worker 0's scores of its own copy while its servers were down (stateless), on the
+    driver's clock: seconds since training started."""
+    start = next((e["t"] for e in events if e["event"] == "train_start"), None)
+    if start is None:
+        return []
+    return [{"elapsed_s": e["t"] - start, "accuracy": e["accuracy"], "loss": e["loss"], "clock": e.get("clock")}
+            for e in events if e["event"] == "local_eval"]
+
+
 def _barrier_accuracy(barriers: list[dict]) -> dict[str, Any]:
     """How well ElasticBSP's predictions held: mean predicted and actual wait per worker."""
     if not barriers:
@@ -245,6 +255,7 @@ def _summarize(run_dir: Path, config: dict, events: list[dict], rates: CostRates
         **_rounds(servers),
         **_barrier_accuracy(barriers),
         "curve": curve,
+        "local_curve": _local_curve(events),
     }
 
 

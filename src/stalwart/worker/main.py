@@ -29,6 +29,7 @@ from ..spec import RoleSpec, token_from_env
 from .client import JobStopping, ParameterClient
 from .failover import Detach, NoFailover, Reconnect, ServerUnavailable
 from .optimizer import ParameterServerOptimizer
+from .evaluator import score
 from .trainthrough import TrainThrough
 
 
@@ -41,6 +42,8 @@ class LocalWork:
     batch: int
     per_epoch: int
     limit: int | None  # iterations to run, when the job is bounded by epochs
+    x_test: torch.Tensor | None = None  # worker 0 only: its local copy is evaluated while detached
+    y_test: torch.Tensor | None = None
 
 
 @dataclass
@@ -63,7 +66,10 @@ def _local_work(job: JobConfig, index: int) -> LocalWork:
     batch = min(d.batch_size, len(y))
     per_epoch = len(y) // batch
     limit = math.ceil(t.epochs * per_epoch) if t.epochs is not None else None
-    return LocalWork(x, y, model, batch, per_epoch, limit)
+    local_eval = index == 0 and job.recovery.strategy == "stateless"
+    return LocalWork(x, y, model, batch, per_epoch, limit,
+                     torch.from_numpy(ds.x_test) if local_eval else None,
+                     torch.from_numpy(ds.y_test) if local_eval else None)
 
 
 def _connect(spec: RoleSpec, index: int, token: bytes, control: CoordinatorClient, model: torch.nn.Module,
@@ -103,6 +109,7 @@ def _train(job: JobConfig, index: int, work: LocalWork, opt: ParameterServerOpti
     window: list[float] = []
     order = rng.permutation(len(work.y))
     first_step = None
+    next_local_eval = 0.0
     try:
         while work.limit is None or opt.clock < work.limit:
             if stopping.is_set():
@@ -133,6 +140,7 @@ def _train(job: JobConfig, index: int, work: LocalWork, opt: ParameterServerOpti
             tally.comm_s += t2 - t1
             window.append(loss.item())
             tally.progress.update(clock=opt.clock, loss=window[-1])
+            next_local_eval = _local_eval(work, opt, log, next_local_eval, t.eval_interval_s)
             if len(window) >= t.log_every:
                 log.emit("train", clock=opt.clock, version=opt.version, loss=float(np.mean(window)),
                          epoch=opt.clock / work.per_epoch, compute_s=tally.compute_s, comm_s=tally.comm_s,
@@ -144,6 +152,20 @@ def _train(job: JobConfig, index: int, work: LocalWork, opt: ParameterServerOpti
         tally.reason, tally.status = f"server unavailable: {exc}", 1
     finally:
         tally.delay_s = straggler.delay_s
+
+
+def _local_eval(work: LocalWork, opt: ParameterServerOptimizer, log: EventLog, due: float, every_s: float) -> float:
+    """While detached (its servers down), worker 0 scores its own copy of the model at
+    the evaluation cadence, so that the accuracy curve goes on through the outage
+    (``local_eval`` events, drawn as the local copy's). Returns when the next is due."""
+    now = time.monotonic()
+    if work.x_test is None or not opt.client.detached or now < due:
+        return due
+    result = score(work.model, work.x_test, work.y_test)
+    spent = time.monotonic() - now
+    opt.train_through.not_training(spent)
+    log.emit("local_eval", clock=opt.clock, eval_s=round(spent, 4), **result)
+    return now + every_s
 
 
 WAITING_S = 0.05  # a step that has been syncing this long is waiting (at a barrier, or on its server)

@@ -117,6 +117,11 @@ class TrainThrough:
         self._last_call = time.monotonic()
         return back
 
+    def not_training(self, seconds: float) -> None:
+        """``seconds`` since the last step went to something else (evaluating the local
+        copy): not counted as computing through the outage."""
+        self._last_call += seconds
+
     def _open(self, s: int, shard_params: np.ndarray) -> Backlog:
         version = self.client.versions[s]
         backlog = self.backlogs[s] = Backlog(shard_params, version, self.bound)
