@@ -236,7 +236,7 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="print the summaries as JSON"),
 ) -> None:
     """Rebuild summaries and plots of finished runs and compare them."""
-    from .metrics.plots import plot_runs
+    from .metrics.plots import MAX_STYLES, plot_runs
     from .metrics.summary import RunDirError, write_summary
 
     overlay = out or Path("report.png")
@@ -251,7 +251,10 @@ def report(
         if summaries[-1].get("rebuilt_from_damaged"):
             err.print(f"warning: {run}/summary.json was damaged; rebuilt it from the event logs "
                       f"(status unknown)", highlight=False, soft_wrap=True)
-    if len(summaries) > 1:
+    if len(summaries) > MAX_STYLES:
+        err.print(f"warning: no overlay plot: {len(summaries)} runs are more than the {MAX_STYLES} lines one "
+                  f"plot keeps apart", highlight=False, soft_wrap=True)
+    elif len(summaries) > 1:
         path = plot_runs(summaries, overlay)
         console.print(f"overlay plot: {path}")
     if as_json:

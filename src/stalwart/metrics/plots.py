@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = [f"tab:{c}" for c in ("blue", "orange", "green", "purple", "brown", "pink", "gray", "olive", "cyan", "red")]
 DASHES = ["-", "--", "-.", ":"]
+MAX_STYLES = len(COLORS) * len(DASHES)  # lines one figure can keep apart
 KILL_COLOR = "crimson"   # kills are marked in a colour of their own, not one from the cycle
 
 
@@ -30,7 +31,7 @@ def line_styles(names: list[str]) -> dict[str, dict]:
         try:
             dash, color = next(pairs)
         except StopIteration:
-            raise ValueError(f"{len(set(names))} lines are more than {len(DASHES) * len(COLORS)} styles") from None
+            raise ValueError(f"{len(set(names))} lines are more than {MAX_STYLES} styles") from None
         styles[name] = {"color": color, "ls": dash}
     return styles
 
