@@ -32,11 +32,11 @@ def test_the_terminal_display_shows_each_worker_and_chain_within_80_columns():
         assert state in text
     assert "server 0 → server 2 down → server 4" in text
     assert "acc 0.912" in text and "v4321" in text and "10.5s" in text and "kill server 2" in text
-    assert "could not be read" not in text
+    assert "unreadable" not in text
     progress.show(15.0, _view(6))                      # no evaluation since 12.0 s
     screen.truncate(0)
     console.print(progress.render())
-    assert "could not be read since 12.0s" in screen.getvalue()
+    assert "model unreadable since 12.0s" in screen.getvalue()
 
 
 def test_many_workers_are_counted_by_state_past_the_first_rows():

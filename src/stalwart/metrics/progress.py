@@ -133,8 +133,8 @@ class Progress:
                      f"v{result['version']}", f"{self._rate:.0f} upd/s")
         parts = [head]
         if self._last is not None and elapsed - self._last[0] > 1.5:  # show() since: no evaluation
-            parts.append(Text(f" the model could not be read since {self._last[0]:.1f}s (a server is down); "
-                              f"figures above are from then", style="yellow", overflow="ellipsis", no_wrap=True))
+            parts.append(Text(f" model unreadable since {self._last[0]:.1f}s (a server is down): "
+                              f"accuracy is from then", style="yellow", overflow="ellipsis", no_wrap=True))
         parts += [self._workers_table(view.workers), self._shards_table(view.shards)]
         if self._events:
             events = Table.grid(padding=(0, 1))
