@@ -237,6 +237,9 @@ class ParameterClient:
                     broken.add(s)
                     del owed[s]
                     continue
+                except ServerError:
+                    del owed[s]  # it answered, with a refusal: its stream is in step and stays open
+                    raise
                 if not owed[s]:
                     del owed[s]
         if gone:
