@@ -107,7 +107,28 @@ def flush_scale(rule: "FlushRule | str", delta: np.ndarray, workers: int, stalen
     return scale * min(1.0, clip_norm / norm) if norm > 0 else scale
 
 
-class RebuildWindow:
+class WorkerWindow:
+    """A window over what the workers send: open from ``opened`` until ``window_s``
+    later, or until every one of ``workers`` has sent (``offered``)."""
+
+    def __init__(self, workers: int, window_s: float):
+        self.workers, self.window_s = workers, window_s
+        self.opened: float | None = None
+        self.offered: set[int] = set()
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened is not None
+
+    def time_left(self, now: float) -> float:
+        if self.opened is None:
+            return math.inf
+        if len(self.offered) >= self.workers:
+            return 0.0
+        return self.opened + self.window_s - now
+
+
+class RebuildWindow(WorkerWindow):
     """A fresh server's choice of where to start: the freshest copy offered in a window.
 
     The window opens with a worker's first offer of a version above 0 (or any offer
@@ -117,9 +138,7 @@ class RebuildWindow:
     """
 
     def __init__(self, workers: int, window_s: float):
-        self.workers, self.window_s = workers, window_s
-        self.opened: float | None = None
-        self.offered: set[int] = set()
+        super().__init__(workers, window_s)
         self.best_version = -1
         self.best_source: str | None = None
         self.best: np.ndarray | None = None
@@ -136,19 +155,8 @@ class RebuildWindow:
             self.best_version, self.best_source = version, source
             self.best = values.copy()
 
-    @property
-    def is_open(self) -> bool:
-        return self.opened is not None
 
-    def time_left(self, now: float) -> float:
-        if self.opened is None:
-            return math.inf
-        if len(self.offered) >= self.workers:
-            return 0.0
-        return self.opened + self.window_s - now
-
-
-class OuterMerge:
+class OuterMerge(WorkerWindow):
     """The ``outer`` rule: backlogs collected for a window, then one outer-optimizer step.
 
     ``add`` takes a worker's backlog (``delta``: the change its ``count`` local steps
@@ -159,25 +167,19 @@ class OuterMerge:
     """
 
     def __init__(self, workers: int, window_s: float, lr: float, momentum: float):
-        self.workers, self.window_s, self.lr, self.momentum = workers, window_s, lr, momentum
+        super().__init__(workers, window_s)
+        self.lr, self.momentum = lr, momentum
         self.optimizer = None   # made at the first merge: its momentum lives from merge to merge
         self.pending: list[tuple[int, np.ndarray, int]] = []
-        self.opened: float | None = None
         self.merges = 0         # merges applied; a waiter knows its backlog is in by this moving on
 
     def add(self, worker: int, delta: np.ndarray, count: int, now: float) -> int:
         """Queue a backlog (copied); returns the merge number it will be part of."""
         if self.opened is None:
             self.opened = now
+        self.offered.add(worker)
         self.pending.append((worker, delta.copy(), count))
         return self.merges
-
-    def time_left(self, now: float) -> float:
-        if self.opened is None:
-            return math.inf
-        if len({w for w, _, _ in self.pending}) >= self.workers:
-            return 0.0
-        return self.opened + self.window_s - now
 
     def pseudo_gradient(self) -> np.ndarray | None:
         """Minus the step-weighted mean change of the pending backlogs (None: no steps)."""
@@ -193,7 +195,7 @@ class OuterMerge:
         if self.optimizer is None:
             self.optimizer = build_optimizer("sgd", size, lr=self.lr, momentum=self.momentum, nesterov=True)
         grad, merged = self.pseudo_gradient(), len(self.pending)
-        self.pending, self.opened = [], None
+        self.pending, self.opened, self.offered = [], None, set()
         self.merges += 1
         return self.optimizer, grad, merged
 
