@@ -109,14 +109,13 @@ def _kills(events: list[dict], replicas: int) -> tuple[list[dict], int]:
     return kills, lost_total
 
 
-def _cost(events: list[dict], rates: CostRates, curve: list[dict], target: float | None) -> dict[str, Any]:
+def _cost(events: list[dict], rates: CostRates, reached_s: float | None, trained_s: float | None) -> dict[str, Any]:
     """The run's price (:mod:`stalwart.metrics.cost`), and the part of it spent until the
-    target accuracy was reached: the price pro rata of the training time it took."""
+    target accuracy was reached (at ``reached_s`` of ``trained_s`` seconds of training):
+    the price pro rata of the training time it took."""
     priced = price(events, rates)
-    reached = next((p["elapsed_s"] for p in curve if target is not None and p["accuracy"] >= target), None)
-    trained = curve[-1]["elapsed_s"] if curve else None
-    priced["cost_to_target_usd"] = priced["cost_usd"] * reached / trained \
-        if priced["cost_usd"] is not None and reached is not None and trained else None
+    priced["cost_to_target_usd"] = priced["cost_usd"] * reached_s / trained_s \
+        if priced["cost_usd"] is not None and reached_s is not None and trained_s else None
     return priced
 
 
@@ -196,6 +195,8 @@ def _summarize(run_dir: Path, config: dict, events: list[dict], rates: CostRates
     by = lambda name: [e for e in events if e["event"] == name]  # noqa: E731
     curve = _curve(events)
     target = config["train"].get("target_accuracy")
+    time_to_target = next((p["elapsed_s"] for p in curve if target is not None and p["accuracy"] >= target), None)
+    train_s = curve[-1]["elapsed_s"] if curve else None
     start = by("job_start")
     end = by("job_end")
     servers = {e["index"]: e for e in by("server_stop")}
@@ -226,10 +227,9 @@ def _summarize(run_dir: Path, config: dict, events: list[dict], rates: CostRates
         "best_accuracy": max((p["accuracy"] for p in curve), default=None),
         "final_loss": curve[-1]["loss"] if curve else None,
         "target_accuracy": target,
-        "time_to_target_s": next((p["elapsed_s"] for p in curve if target is not None
-                                  and p["accuracy"] >= target), None),
+        "time_to_target_s": time_to_target,
         "wall_s": (end[-1]["t"] - start[0]["t"]) if start and end else None,
-        "train_s": curve[-1]["elapsed_s"] if curve else None,
+        "train_s": train_s,
         "updates_applied": min((s.get("version", 0) for s in servers.values()), default=0),
         "updates_per_s": (min(s.get("version", 0) for s in servers.values()) / curve[-1]["elapsed_s"]
                           if servers and curve and curve[-1]["elapsed_s"] > 0 else None),
@@ -251,7 +251,7 @@ def _summarize(run_dir: Path, config: dict, events: list[dict], rates: CostRates
         "lost_updates": lost_updates,
         **_stateless(events),
         **_resources(events),
-        **_cost(events, rates, curve, target),
+        **_cost(events, rates, time_to_target, train_s),
         **_rounds(servers),
         **_barrier_accuracy(barriers),
         "curve": curve,
