@@ -62,8 +62,8 @@ def _say_error(message: str) -> None:
 
 @app.callback()
 def _options(debug: bool = typer.Option(False, "--debug", help="show tracebacks instead of one-line errors")) -> None:
-    global DEBUG
-    DEBUG = debug
+    """The flag is declared here so that the parser accepts it; :func:`main` reads it
+    from the arguments before parsing, so that the parser's own errors honour it too."""
 
 
 def _writable_dir(path: Path, what: str) -> Path:
