@@ -63,7 +63,7 @@ class Chain:
         self.coordinator_thread = threading.Thread(target=self.coordinator.run, args=(0.05,), daemon=True)
         self.coordinator_thread.start()
         self.replicas = {i: Replica(self.coordinator.address, i, mode) for i in range(replicas)}
-        self.control = CoordinatorClient(self.coordinator.address, TOKEN, "test", 0)
+        self.control = CoordinatorClient(self.coordinator.address, TOKEN, "observer", 0)
 
     def members(self) -> list[int]:
         return [Member(*m).index for m in self.control.call("chain", shard=0)["members"]]

@@ -39,6 +39,18 @@ def test_config_refuses_a_kill_outside_the_job():
         JobConfig.validate_dict({"recovery": {"strategy": "chain", "replicas": 1}})
     with pytest.raises(ConfigError, match="restarting a worker is not supported under ElasticBSP"):
         JobConfig.validate_dict({"sync": {"policy": "elastic"}, "faults": {"kills": ["worker:1@3s,down=1s"]}})
+    with pytest.raises(ConfigError, match="the only coordinator must come back"):
+        JobConfig.validate_dict({"faults": {"kills": ["coordinator:0@3s"]}})
+    with pytest.raises(ConfigError, match="names coordinator 1, but the job has 1 coordinators"):
+        JobConfig.validate_dict({"faults": {"kills": ["coordinator:1@3s,down=1s"]}})
+    with pytest.raises(ConfigError, match="standby coordinators need a store they share"):
+        JobConfig.validate_dict({"control": {"standbys": 1}})
+    with pytest.raises(ConfigError, match="expected memory or etcd://HOST:PORT"):
+        JobConfig.validate_dict({"control": {"store": "zookeeper://x:1"}})
+    # With etcd a standby takes over: the killed one need not come back.
+    config = JobConfig.validate_dict({"control": {"store": "etcd://127.0.0.1:2379"},
+                                      "faults": {"kills": ["coordinator:0@3s", "coordinator:1@6s,down=1s"]}})
+    assert config.control.coordinators == 2
 
 
 class RecordingLauncher:

@@ -22,7 +22,7 @@ def test_user_loop_trains_through_the_servers(tmp_path):
     cluster = Cluster.start(config, tmp_path, ParameterLayout.from_module(model).shard_bounds(2))
     control = None
     try:
-        control, _ = cluster.connect("test")
+        control, _ = cluster.connect("observer")
         opt = ParameterServerOptimizer(model, coordinator=cluster.spec.coordinator,
                                        token=cluster.token.hex(), worker=0)
         x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)

@@ -23,7 +23,7 @@ def cluster(tmp_path):
                                       "optimizer": {"name": "sgd", "lr": 0.5, "momentum": 0.0},
                                       "progress": False})
     c = Cluster.start(config, tmp_path, [0, SIZE])
-    control, shards = c.connect("test")
+    control, shards = c.connect("observer")
     yield c, shards[0], tmp_path
     c.stop(control)
 

@@ -108,13 +108,18 @@ def train(
     backlog_max: Optional[int] = typer.Option(None, help="stateless: local steps a worker may owe a shard"),
     kill: Optional[list[str]] = typer.Option(
         None, "--kill", help="SIGKILL a role: server:0@30s | worker:1@clock=200 | server:0@20s,down=5s | "
-                             "head:0@10s (chain position of shard 0; also middle, tail) (repeatable)"),
+                             "head:0@10s (chain position of shard 0; also middle, tail) | "
+                             "coordinator:0@8s,down=2s (repeatable)"),
     down: Optional[str] = typer.Option(None, help="restart killed roles after this long, e.g. 20s"),
     straggler: Optional[list[str]] = typer.Option(
         None, "--straggler", help="slow a worker: 3:2.0 | *:jitter=0.5 | 3:1.0@20s | 0:3.0@clock=500 (repeatable)"),
     host: Optional[str] = typer.Option(
         None, help="address servers bind to (default loopback; 0.0.0.0 on Ray: each node's own address)"),
     launcher: Optional[str] = typer.Option(None, help="where roles run: local (processes here) | ray (Ray actors)"),
+    control: Optional[str] = typer.Option(
+        None, help="where the coordinator's state lives: memory (rebuilt from the roles after a restart) | "
+                   "etcd://HOST:PORT (saved in etcd, with a standby coordinator ready to take over)"),
+    standbys: Optional[int] = typer.Option(None, help="etcd: standby coordinator processes (default 1)"),
     ray_address: Optional[str] = typer.Option(
         None, help="ray: the cluster to join: auto | HOST:PORT | local (a private instance for this job)"),
     transport: Optional[str] = typer.Option(None, help="transport of pushes: tcp | ltp (loss-tolerant UDP)"),
@@ -136,6 +141,7 @@ def train(
     overrides = {
         "cluster.workers": workers, "cluster.servers": servers, "cluster.host": host,
         "cluster.launcher": launcher, "cluster.ray_address": ray_address,
+        "control.store": control, "control.standbys": standbys,
         "cluster.transport": transport, "cluster.shm": shm, "sync.policy": sync, "data.dataset": dataset,
         "data.data_dir": str(data_dir) if data_dir else None, "data.samples": samples,
         "data.batch_size": batch_size, "model.name": model, "optimizer.name": optimizer,

@@ -197,8 +197,41 @@ class RecoveryConfig(_Section):
         return self.replicas if self.strategy == "chain" else 1
 
 
+class ControlConfig(_Section):
+    """The control plane: where the coordinator's state outlives it (see stalwart.control.store)."""
+    # "memory": one coordinator, rebuilt from the roles' rejoins after a restart;
+    # "etcd://HOST:PORT": state and leadership in etcd, with standbys ready to take over.
+    store: str = "memory"
+    # Extra coordinator processes that wait to take over (etcd only); None: 1 with etcd.
+    standbys: int | None = Field(None, ge=0, le=4)
+    # How long roles train on without reaching any coordinator before they give up.
+    patience_s: float = Field(120.0, gt=0, le=3600)
+
+    @field_validator("store")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if value == "memory":
+            return value
+        host, _, port = value.removeprefix("etcd://").rpartition(":")
+        if not value.startswith("etcd://") or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r}: expected memory or etcd://HOST:PORT")
+        return value
+
+    @model_validator(mode="after")
+    def _standbys_need_a_shared_store(self) -> "ControlConfig":
+        if self.store == "memory" and self.standbys:
+            raise ValueError("standby coordinators need a store they share: use store etcd://HOST:PORT")
+        return self
+
+    @property
+    def coordinators(self) -> int:
+        """Coordinator processes: the leader and its standbys."""
+        return 1 + (self.standbys if self.standbys is not None else int(self.store != "memory"))
+
+
 class JobConfig(_Section):
     cluster: ClusterConfig = ClusterConfig()
+    control: ControlConfig = ControlConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -264,7 +297,7 @@ class JobConfig(_Section):
                              "and come back are not in the barrier plan); use checkpoint or chain")
         for spec in self.faults.kills:
             rule = parse_kill(spec)
-            count = {"worker": self.cluster.workers, "coordinator": 1,
+            count = {"worker": self.cluster.workers, "coordinator": self.control.coordinators,
                      "server": self.cluster.servers * self.recovery.replicas_per_shard}.get(rule.role,
                                                                                           self.cluster.servers)
             if rule.role in ("head", "middle", "tail") and self.recovery.strategy != "chain":
@@ -275,6 +308,9 @@ class JobConfig(_Section):
                 raise ValueError(f"kill {spec!r} names {rule.role} {rule.index}, but the job has "
                                  f"{count} {rule.role}s (0..{count - 1})")
             restarts = rule.down_s is not None or self.faults.down_s is not None
+            if rule.role == "coordinator" and not restarts and self.control.coordinators == 1:
+                raise ValueError(f"kill {spec!r}: the only coordinator must come back (add ,down=2s, or run "
+                                 f"standbys with control.store etcd://HOST:PORT): the job cannot stop without one")
             if rule.role == "worker" and restarts and self.sync.policy.startswith("elastic"):
                 raise ValueError(f"kill {spec!r}: restarting a worker is not supported under ElasticBSP "
                                  f"(a rejoining worker is not in the barrier plan); kill it without a restart")

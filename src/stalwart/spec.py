@@ -22,13 +22,14 @@ HOST_ENV = "STALWART_HOST"  # the address a placed role binds to (see RoleSpec.p
 class RoleSpec:
     config: dict
     run_dir: str
-    coordinator: str
+    coordinator: str          # host:port[,host:port...]: the leader and its standbys
     bounds: list[int]
     input_shape: list[int]
     num_classes: int
     # "server:0" -> {"netns": ..., "host": ...}: where a launcher runs a role (netlab);
     # a role not named here runs where the launcher does, on cluster.host.
     placement: dict = field(default_factory=dict)
+    job_id: str = ""          # names this job's keys in a shared control store (etcd)
 
     @property
     def job(self) -> JobConfig:

@@ -16,13 +16,23 @@ probe confirms that nothing answers at its address. A process that registers for
 shard whose chain is already formed is not in it until it has copied the tail's state
 and says so (``chain_join``); then it becomes the new tail.
 
-The coordinator's own state lives only in its memory: if it dies, the job stops (the
-driver names it), because membership and chain order cannot be rebuilt safely.
+**Surviving its own death.** Training never waits on the coordinator: workers and
+servers push and pull with the map they hold, and their handles retry heartbeats and
+reports through an outage (see :mod:`stalwart.control.client`). A restarted coordinator
+(or, with etcd, a standby that takes over) leads under a new *generation* from its
+:class:`~stalwart.control.store.ControlStore`, and its epochs start at
+``generation * EPOCH_STRIDE``: above every epoch any role has seen. With the etcd store
+it loads the state its predecessor saved; in memory it starts empty and rebuilds from
+the members' ``rejoin``s: each brings its role, index, address, the highest epoch it
+saw, the job state, and (a replica) its chain as last read. For each shard the view
+with the highest epoch wins, until this coordinator changes that chain itself; a
+member named in an adopted chain but not yet rejoined is given a fresh lease, so a
+server that died during the outage is removed a lease later (or at once, when someone
+suspects it), the usual way.
 """
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,21 +40,13 @@ from typing import Any
 
 from ..metrics import EventLog
 from ..transport import Frame, Kind, ProtocolError
-from ..transport.base import Listener
+from ..transport.base import Listener, answers
 from ..transport.service import FrameService, Session
+from .store import EPOCH_STRIDE, ControlStore, Deposed, MemoryStore, StoreError
 
 JOB_STATES = ("running", "stopping", "shutdown")
-PROBE_TIMEOUT_S = 0.2
-
-
-def _answers(address: str) -> bool:
-    """Does anything accept a connection at ``address``? (A SIGKILLed server does not.)"""
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
-        return True
-    except OSError:
-        return False
+ROLES = ("server", "worker", "driver", "client", "bench", "observer")
+LINGER_S = 3.0  # after shutdown, how long to keep answering until every member has heard
 
 
 @dataclass
@@ -65,14 +67,18 @@ class Coordinator(FrameService):
     ``servers`` counts shards and ``replicas`` the server processes per shard (1 without
     chains); ``lease_s`` is how long a member may stay silent before it is dropped, which
     :meth:`run` checks every tick. ``pulls_at_tail`` makes the map send pulls to each
-    chain's tail (strong chains) rather than its head.
+    chain's tail (strong chains) rather than its head. ``store`` is where the state
+    outlives this process and who leads (:class:`MemoryStore` by default); until it
+    leads, the coordinator answers every request as a standby.
     """
 
     def __init__(self, listener: Listener, token: bytes, log: EventLog, *, servers: int,
-                 workers: int, lease_s: float, replicas: int = 1, pulls_at_tail: bool = True):
+                 workers: int, lease_s: float, replicas: int = 1, pulls_at_tail: bool = True,
+                 store: ControlStore | None = None):
         super().__init__(listener, token, log)
         # ``servers`` counts shards; there are ``servers * replicas`` server processes.
         self.servers, self.workers, self.lease_s, self.replicas = servers, workers, lease_s, replicas
+        self.store = store or MemoryStore()
         self.chains: dict[int, list[int]] = {}   # shard -> server process indices, head first
         # Strong chains serve pulls at the tail; relaxed ones (whose tail lags by design) at the head.
         self.pulls_at_tail = pulls_at_tail
@@ -80,9 +86,14 @@ class Coordinator(FrameService):
         self.members: dict[tuple[str, int], Member] = {}
         self.state = "running"
         self.stop_reason: str | None = None
+        self.generation: int | None = None        # None: a standby, not leading yet
         self.epoch = 0
+        self._adopted: dict[int, int] = {}        # shard -> epoch of the rejoin view adopted
+        self._edited: set[int] = set()            # shards whose chain this coordinator changed
+        self._told: set[tuple[str, int]] = set()  # members that heard "shutdown"
         self._cond = threading.Condition()
         self._shutdown = threading.Event()
+        self.deposed = False
 
     # --- wire --------------------------------------------------------------------
     def handle(self, session: Session, frame: Frame) -> None:
@@ -91,25 +102,44 @@ class Coordinator(FrameService):
         args = dict(frame.meta)
         op = args.pop("op")
         method = getattr(self, f"op_{op}", None)
-        if method is None:
+        if self.generation is None:
+            reply = {"standby": True, "error": "a standby coordinator: another one leads"}
+        elif method is None:
             reply = {"error": f"unknown op {op!r}"}
         else:
             try:
                 reply = method(**args)
-            except TypeError as exc:
+            except (TypeError, ValueError) as exc:
                 reply = {"error": f"bad arguments for {op!r}: {exc}"}
+            except Deposed as exc:
+                reply = {"standby": True, "error": f"this coordinator was deposed: {exc}"}
+                self.deposed = True
+                self._shutdown.set()
+            except StoreError as exc:  # applied here, saved with the next change that saves
+                reply = {"error": f"the control store failed: {exc}"}
         session.conn.send(Frame(Kind.REPLY, meta=reply))
         if self.state == "shutdown":
             # Only once the reply is out: the serving loop closes every connection then,
             # and the one who asked must not see its connection cut instead of the answer.
             self._shutdown.set()
 
+    def _refusal(self, role: object, index: object) -> str | None:
+        """Why a member named (role, index) cannot be in this job, if it cannot."""
+        if role not in ROLES:
+            return f"unknown role {role!r} (one of {', '.join(ROLES)})"
+        limit = {"server": self.servers * self.replicas, "worker": self.workers}.get(role)
+        if not isinstance(index, int) or isinstance(index, bool):
+            return f"{role} index {index!r} is not an integer"
+        if limit is not None and not 0 <= index < limit:
+            return f"{role} index {index} is outside this job (0..{limit - 1})"
+        return None
+
     # --- ops ---------------------------------------------------------------------
     def op_register(self, role: str, index: int, address: str | None = None,
                     pid: int | None = None) -> dict:
-        limit = {"server": self.servers * self.replicas, "worker": self.workers}.get(role)
-        if limit is not None and not 0 <= index < limit:
-            return {"error": f"{role} index {index} is outside this job (0..{limit - 1})"}
+        """A member process that has just started (a restarted one is a new member)."""
+        if (why := self._refusal(role, index)) is not None:
+            return {"error": why}
         with self._cond:
             self.members[(role, index)] = Member(role, index, address, pid, time.monotonic())
             if role == "server":
@@ -125,10 +155,68 @@ class Coordinator(FrameService):
                     chain.sort()
                     if len(chain) == self.replicas:
                         self.formed.add(shard)
-                self.epoch += 1
+                self._edited.add(shard)
+            self._changed()  # every member is in the saved state, not only servers
             self._cond.notify_all()
         self.log.emit("member_joined", member_role=role, member_index=index, address=address, pid=pid)
         return {"state": self.state, "epoch": self.epoch, "lease_s": self.lease_s}
+
+    def op_rejoin(self, role: str, index: int, address: str | None = None, pid: int | None = None,
+                  seen_epoch: int = 0, job_state: str = "running", chain: list | None = None,
+                  formed: bool = False) -> dict:
+        """A live member that lost its connection (this coordinator may be new): take
+        what it knows as soft state (see the module's docstring)."""
+        if (why := self._refusal(role, index)) is not None:
+            return {"error": why}
+        if job_state not in JOB_STATES:
+            return {"error": f"unknown job state {job_state!r}"}
+        seen_epoch = int(seen_epoch)
+        with self._cond:
+            if seen_epoch > self.epoch:
+                return {"error": f"{role} {index} has seen epoch {seen_epoch}, ahead of this coordinator's "
+                                 f"{self.epoch}: a newer coordinator leads, and this one is stale"}
+            now = time.monotonic()
+            known = self.members.get((role, index))
+            if known is None or known.pid != pid:
+                self.members[(role, index)] = Member(role, index, address, pid, now)
+            else:
+                known.last_seen, known.alive = now, True
+            changed = False
+            if JOB_STATES.index(job_state) > JOB_STATES.index(self.state) and job_state != "shutdown":
+                self.state, changed = job_state, True
+            if role == "server":
+                changed |= self._adopt_chain(index, seen_epoch, chain, bool(formed), now)
+            if changed:
+                self._changed()
+            self._cond.notify_all()
+        self.log.emit("member_rejoined", member_role=role, member_index=index, address=address,
+                      seen_epoch=seen_epoch, epoch=self.epoch)
+        return {"state": self.state, "epoch": self.epoch, "lease_s": self.lease_s}
+
+    def _adopt_chain(self, index: int, seen_epoch: int, chain: list | None, formed: bool, now: float) -> bool:
+        """Caller holds _cond. Take a rejoining server's chain view if it is the best one
+        yet from an earlier generation and this coordinator has not changed the chain."""
+        shard = index // self.replicas
+        if self.replicas == 1:
+            if self.chains.get(shard) == [index]:
+                return False
+            self.chains[shard] = [index]
+            self.formed.add(shard)
+            return True
+        if chain is None or shard in self._edited or seen_epoch >= self.generation * EPOCH_STRIDE \
+                or seen_epoch <= self._adopted.get(shard, -1):
+            return False
+        links = [(int(i), str(a)) for i, a in chain]
+        if any(i // self.replicas != shard for i, _ in links):
+            raise ValueError(f"server {index}'s chain {links} names servers of another shard")
+        self.chains[shard] = [i for i, _ in links]
+        for i, a in links:
+            if ("server", i) not in self.members:  # not rejoined yet: a lease's grace to do it
+                self.members[("server", i)] = Member("server", i, a, None, now)
+        if formed:
+            self.formed.add(shard)
+        self._adopted[shard] = seen_epoch
+        return True
 
     def op_heartbeat(self, role: str, index: int, stats: dict | None = None) -> dict:
         with self._cond:
@@ -139,6 +227,8 @@ class Coordinator(FrameService):
             member.alive = True
             if stats:
                 member.stats = stats
+            if self.state == "shutdown":
+                self._told.add((role, index))
             return {"state": self.state, "epoch": self.epoch}
 
     def op_shard_map(self, wait_s: float = 0.0) -> dict:
@@ -175,19 +265,28 @@ class Coordinator(FrameService):
                     return {"removed": False, "epoch": self.epoch}
             member = self.members.get(("server", index))
             address = member.address if member is not None else None
-        if address is not None and _answers(address):
+        if address is not None and answers(address):
             return {"removed": False, "epoch": self.epoch}
         removed = self._remove_replica(index, f"reported by {reporter}")
         return {"removed": removed, "epoch": self.epoch}
 
-    def op_chain_join(self, index: int) -> dict:
-        """Server ``index`` holds its tail's state and is forwarded every update: append it."""
+    def op_chain_join(self, index: int, epoch: int | None = None) -> dict:
+        """Server ``index`` holds its tail's state and is forwarded every update: append it.
+
+        ``epoch`` is the one the joiner read its chain at: from an earlier coordinator's
+        generation, the tail it copied may no longer be the tail, so it is refused."""
+        if (why := self._refusal("server", index)) is not None:
+            return {"error": why}
+        if epoch is not None and int(epoch) < self.generation * EPOCH_STRIDE:
+            return {"error": f"stale epoch {epoch}: the chain was read from an earlier coordinator "
+                             f"(this one's epochs start at {self.generation * EPOCH_STRIDE}); read it again"}
         shard = index // self.replicas
         with self._cond:
             chain = self.chains.setdefault(shard, [])
             if index not in chain:
                 chain.append(index)
-                self.epoch += 1
+                self._edited.add(shard)
+                self._changed()
                 self._cond.notify_all()
             members = list(chain)
         self.log.emit("replica_joined", shard=shard, member_index=index, chain=members, epoch=self.epoch)
@@ -203,7 +302,8 @@ class Coordinator(FrameService):
             member = self.members.get(("server", index))
             if member is not None:
                 member.alive = False
-            self.epoch += 1
+            self._edited.add(shard)
+            self._changed()
             self._cond.notify_all()
             members = list(chain)
         self.log.emit("replica_removed", shard=shard, member_index=index, chain=members, epoch=self.epoch,
@@ -214,7 +314,7 @@ class Coordinator(FrameService):
         with self._cond:
             members = [{"role": m.role, "index": m.index, "alive": m.alive, "stats": m.stats,
                         "address": m.address} for m in self.members.values()]
-            return {"state": self.state, "epoch": self.epoch, "members": members,
+            return {"state": self.state, "epoch": self.epoch, "generation": self.generation, "members": members,
                     "chains": [list(self.chains.get(s, [])) for s in range(self.servers)],
                     "stop_reason": self.stop_reason}
 
@@ -223,6 +323,29 @@ class Coordinator(FrameService):
 
     def op_shutdown(self, reason: str = "requested") -> dict:
         return self._set_state("shutdown", reason)  # the loop stops once this is answered
+
+    # --- state that outlives the process ---------------------------------------------
+    def snapshot(self) -> dict:
+        """What the store keeps: everything but leases' clocks and heartbeat stats."""
+        with self._cond:
+            return {"epoch": self.epoch, "state": self.state, "stop_reason": self.stop_reason,
+                    "members": [[m.role, m.index, m.address, m.pid, m.alive] for m in self.members.values()],
+                    "chains": {str(s): list(c) for s, c in self.chains.items()}, "formed": sorted(self.formed)}
+
+    def restore(self, saved: dict) -> None:
+        """Take a predecessor's snapshot; every member gets a fresh lease to prove it lives."""
+        now = time.monotonic()
+        with self._cond:
+            self.members = {(r, i): Member(r, i, a, p, now, alive) for r, i, a, p, alive in saved["members"]}
+            self.chains = {int(s): list(c) for s, c in saved["chains"].items()}
+            self.formed = set(saved["formed"])
+            self.state, self.stop_reason = saved["state"], saved["stop_reason"]
+            self._edited = set(self.chains)  # the saved chains are current: no rejoin overrides them
+
+    def _changed(self) -> None:
+        """Caller holds _cond. A new epoch, saved (raises Deposed if another leads)."""
+        self.epoch += 1
+        self.store.save(self.snapshot())
 
     # --- internals ---------------------------------------------------------------
     def _map_complete(self) -> bool:
@@ -234,9 +357,10 @@ class Coordinator(FrameService):
             if JOB_STATES.index(state) > JOB_STATES.index(self.state):
                 self.state = state
                 self.stop_reason = self.stop_reason or reason
+                self._changed()
                 self._cond.notify_all()
                 self.log.emit("job_state", state=state, reason=reason)
-            return {"state": self.state}
+            return {"state": self.state, "epoch": self.epoch}
 
     def _check_leases(self) -> None:
         now = time.monotonic()
@@ -252,11 +376,46 @@ class Coordinator(FrameService):
             if m.role == "server":
                 self._remove_replica(m.index, "lease expired")
 
-    def run(self, tick_s: float) -> None:
-        """Serve until shut down, expiring leases every tick."""
+    def _everyone_told(self) -> bool:
+        with self._cond:
+            return all(key in self._told for key, m in self.members.items()
+                       if m.alive and m.role in ("server", "worker"))
+
+    def lead(self) -> None:
+        """Block until the store says this process leads; then take up the saved state."""
+        generation = self.store.lead(self.address, self._shutdown.is_set)
+        saved = self.store.load()
+        if saved is not None:
+            self.restore(saved)
+        with self._cond:
+            self.epoch = max(int(saved["epoch"]) if saved else 0, generation * EPOCH_STRIDE)
+            self.generation = generation  # from here on requests are served, not deflected
+        self.log.emit("coordinator_leads", generation=generation, epoch=self.epoch, restored=saved is not None,
+                      members=len(self.members))
+
+    def run(self, tick_s: float) -> int:
+        """Serve until shut down, expiring leases every tick; 0, or 3 if deposed."""
         self.start()
-        self.log.emit("coordinator_start", address=self.address)
+        self.log.emit("coordinator_start", address=self.address, store=type(self.store).__name__)
+        try:
+            self.lead()
+        except Deposed:
+            self.close()
+            return 0  # shut down before it ever led
         while not self._shutdown.wait(tick_s):
+            if self.store.lost():
+                self.deposed = True
+                break
             self._check_leases()
+        if self.deposed:
+            self.log.emit("coordinator_deposed", generation=self.generation)
+            self.generation = None  # answer as a standby from now on, then go
+            self.close()
+            return 3
+        deadline = time.monotonic() + min(LINGER_S, self.lease_s)
+        while not self._closed.is_set() and not self._everyone_told() and time.monotonic() < deadline:
+            time.sleep(tick_s / 4)  # every member hears "shutdown" on its next heartbeat
         self.log.emit("coordinator_stop", reason=self.stop_reason)
+        self.store.close()
         self.close()
+        return 0

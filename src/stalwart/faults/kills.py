@@ -7,8 +7,10 @@ A rule reads ``ROLE:INDEX@WHEN[,down=DURATION]``:
 * ``server:1@20s,down=5s``  ...and restart it five seconds later
 * ``head:0@10s``            with chain replication: whichever process heads shard 0's
                             chain at that moment (also ``middle:0``, ``tail:0``)
-* ``coordinator:0@10s``     the control plane itself: its state is not persisted, so
-                            the job stops and says why (a test that it fails clearly)
+* ``coordinator:0@10s,down=2s``  the control plane itself: training goes on without it,
+                            and the restarted coordinator rebuilds its state from the
+                            roles (with etcd standbys, ``coordinator:K`` needs no restart:
+                            a standby takes over)
 
 The global clock is the slowest live worker's iteration count, as the workers report
 it on their heartbeats. ``down`` defaults to the job's ``faults.down_s``; without

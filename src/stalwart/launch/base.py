@@ -36,15 +36,16 @@ class Exit:
 class Launcher(ABC):
     """Where role processes run, and the one who starts, signals and reaps them.
 
-    The order of use: :meth:`bind_coordinator` (its listening socket is bound where the
-    coordinator will run, so the address is known before any process exists), then
+    The order of use: :meth:`bind_coordinator` for each coordinator process (its listening
+    socket is bound where it will run, so the address is known before any process
+    exists, and a restarted coordinator gets the same address back), then
     :meth:`use_spec` with the spec that names that address, then :meth:`start` for each
     role; :meth:`shutdown` ends it all, whatever happened.
     """
 
     @abstractmethod
-    def bind_coordinator(self, host: str) -> str:
-        """Bind the coordinator's listening socket where it will run; returns ``host:port``."""
+    def bind_coordinator(self, host: str, index: int = 0) -> str:
+        """Bind coordinator ``index``'s listening socket where it will run; returns ``host:port``."""
 
     @abstractmethod
     def use_spec(self, spec: RoleSpec, path: Path) -> None:
@@ -52,7 +53,8 @@ class Launcher(ABC):
 
     @abstractmethod
     def start(self, role: str, index: int) -> int:
-        """Start a role process (again, after a kill); returns its pid."""
+        """Start a role process (again, after a kill); returns its pid. The process finds
+        its incarnation (1 at the first start) in ``STALWART_INCARNATION``."""
 
     @abstractmethod
     def wait(self, timeout_s: float) -> list[Exit]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import JobConfig
-from ..control import CoordinatorClient, CoordinatorError
+from ..control import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
 from .base import Exit, Launcher
 from .local import LocalLauncher
 from ..spec import TOKEN_ENV, RoleSpec
@@ -49,16 +49,25 @@ class Cluster:
               input_shape: tuple[int, ...] = (1,), num_classes: int = 10,
               placement: dict[str, dict] | None = None) -> "Cluster":
         """Coordinator first (its socket bound before it starts, so its address is known), then servers."""
+        if config.control.store != "memory":  # before any process: a typo'd endpoint is one line
+            from ..control.store import EtcdStore, StoreError
+            try:
+                EtcdStore(config.control.store, "check").check()
+            except StoreError as exc:
+                raise ClusterError(f"control store: {exc}") from None
         token = secrets.token_bytes(32)
         launcher = make_launcher(config, Path(run_dir), {TOKEN_ENV: token.hex()}, placement)
         try:
+            coordinators = range(config.control.coordinators)
+            addresses = ",".join(launcher.bind_coordinator(config.cluster.host, c) for c in coordinators)
             spec = RoleSpec(config=config.model_dump(mode="json"), run_dir=str(Path(run_dir).resolve()),
-                            coordinator=launcher.bind_coordinator(config.cluster.host), bounds=list(bounds),
-                            input_shape=list(input_shape), num_classes=num_classes, placement=placement or {})
+                            coordinator=addresses, bounds=list(bounds), input_shape=list(input_shape),
+                            num_classes=num_classes, placement=placement or {}, job_id=secrets.token_hex(8))
             spec_path = Path(run_dir) / "spec.json"
             spec.save(spec_path)
             launcher.use_spec(spec, spec_path)
-            launcher.start("coordinator", 0)
+            for c in coordinators:
+                launcher.start("coordinator", c)
             for s in range(config.cluster.servers * config.recovery.replicas_per_shard):
                 launcher.start("server", s)
         except BaseException:
@@ -72,15 +81,16 @@ class Cluster:
         failing fast if a role process dies meanwhile."""
         check = check or self.fail_on_exit
         deadline = time.monotonic() + timeout_s
-        control = None
-        while control is None:
+        # No patience: a caller that waits here must also see a role die meanwhile.
+        control = CoordinatorClient(self.spec.coordinator, self.token, role, 0, patience_s=0.0)
+        while True:
             check(self.launcher.wait(0.05))
             try:
-                control = CoordinatorClient(self.spec.coordinator, self.token, role, 0)
-            except CoordinatorError:
+                control.register()
+                break
+            except CoordinatorUnavailable:
                 if time.monotonic() > deadline:
                     raise ClusterError(f"the coordinator did not answer within {timeout_s}s") from None
-        control.register()
         while True:
             check(self.launcher.wait(0.0))
             reply = control.call("shard_map", wait_s=0.5)

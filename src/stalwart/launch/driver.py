@@ -6,6 +6,13 @@ finished worker, or the end of the job), :meth:`Driver._inject` (the fault sched
 :meth:`Driver._evaluate` (one test pass as an observer, with the live display, which a
 :class:`~stalwart.launch.watch.ClusterWatch` feeds, and TensorBoard) and :meth:`Driver._stop` (workers first, so that they leave their
 barriers, then a final evaluation, then the servers and the coordinator).
+
+The coordinator is one more role the driver supervises, not one it depends on: while it
+is down (killed, or restarting) the driver keeps evaluating and injecting, shows the
+last membership it read, and restarts a coordinator that died without being killed on
+purpose (up to :data:`COORDINATOR_RESTARTS` times). Its own requests never wait for the
+coordinator, since it is the one that brings it back; :meth:`Driver._control` retries
+those that must succeed (stopping the job) while it keeps watching the roles.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import time
 from typing import Callable
 
 from ..config import JobConfig
+from ..control import CoordinatorUnavailable
 from ..faults import FaultInjector, parse_kill
 from ..metrics import EventLog
 from ..metrics.progress import Progress
@@ -26,6 +34,7 @@ from .cluster import Cluster, ClusterError
 from .watch import ClusterWatch
 
 STOP_TIMEOUT_S = 30.0
+COORDINATOR_RESTARTS = 5  # unplanned coordinator deaths the driver restarts before giving up
 
 
 class JobFailed(RuntimeError):
@@ -45,6 +54,8 @@ class Driver:
         self.launcher = cluster.launcher
         self.finished: set[int] = set()   # workers that ended their epochs
         self.shutting_down = False
+        self.coordinator_restarts = 0
+        self.last_status: dict = {"members": [], "chains": []}  # for the display while it is down
         self.injector: FaultInjector | None = None
         try:
             self.control, shards = cluster.connect("driver", self.check)
@@ -77,20 +88,50 @@ class Driver:
             if e.returncode == 0 and e.role == "worker":
                 self.finished.add(e.index)
             elif e.role == "coordinator" and not self.shutting_down:
-                raise JobFailed(f"{e.describe()}; the coordinator's state (membership, chains) is not "
-                                f"persisted, so the job cannot go on without it")
+                self.coordinator_restarts += 1
+                if self.coordinator_restarts > COORDINATOR_RESTARTS:
+                    raise JobFailed(f"{e.describe()}, its {self.coordinator_restarts}th unplanned death; "
+                                    f"not restarting it again (see {self.logs_dir}/coordinator-{e.index}.log)")
+                pid = self.launcher.start("coordinator", e.index)
+                self.log.emit("restart", member_role="coordinator", member_index=e.index, pid=pid,
+                              unplanned=e.describe())
             elif e.returncode != 0 or not self.shutting_down:
                 raise JobFailed(f"{e.describe()}; stopping the job (see {self.logs_dir}/{e.role}-{e.index}.log)")
 
     def _locate(self, position: str, shard: int) -> int | None:
         """The server process at ``position`` of ``shard``'s chain right now."""
-        members = [Member(*m).index for m in self.control.call("chain", shard=shard)["members"]]
+        try:
+            members = [Member(*m).index for m in self.control.call("chain", patience_s=0.0, shard=shard)["members"]]
+        except CoordinatorUnavailable:
+            return None  # no coordinator to say who is where: the kill is skipped, and logged
         if len(members) < (3 if position == "middle" else 1):
             return None
         return {"head": members[0], "middle": members[len(members) // 2], "tail": members[-1]}[position]
 
+    def _status(self) -> dict | None:
+        """The coordinator's view now, or None while no coordinator answers."""
+        try:
+            self.last_status = self.control.call("status", patience_s=0.0)
+        except CoordinatorUnavailable:
+            return None
+        return self.last_status
+
     def _members(self, role: str) -> list[dict]:
-        return [m for m in self.control.call("status")["members"] if m["role"] == role]
+        return [m for m in (self._status() or {"members": []})["members"] if m["role"] == role]
+
+    def _control(self, op: str, t_start: float, timeout_s: float = STOP_TIMEOUT_S, **args) -> dict:
+        """An op that must get through: retried while the coordinator is down, with the
+        roles watched and the fault schedule kept (which may be what restarts it)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.control.call(op, patience_s=0.0, **args)
+            except CoordinatorUnavailable:
+                if time.monotonic() > deadline:
+                    raise JobFailed(f"no coordinator answered {op!r} within {timeout_s:g}s") from None
+                self.check(self.launcher.wait(0.05))
+                if self.injector is not None:
+                    self.injector.tick(time.monotonic() - t_start, None)
 
     def _global_clock(self) -> int | None:
         """The slowest live worker's iteration count, from its heartbeats."""
@@ -103,7 +144,8 @@ class Driver:
         c = self.config
         # Training starts when the first worker has initialized every shard, not at
         # process start-up; wait for that on the control plane, watching for crashes.
-        while not all((m["stats"] or {}).get("initialized") for m in self._members("server")):
+        processes = c.cluster.servers * c.recovery.replicas_per_shard
+        while sum(bool((m["stats"] or {}).get("initialized")) for m in self._members("server")) < processes:
             self.check(self.launcher.wait(0.05))
         t_start = time.monotonic()
         self.log.emit("train_start")
@@ -130,9 +172,6 @@ class Driver:
             return
         clock = self._global_clock() if self.injector.waiting_on_clock() else None
         for role, index in self.injector.tick(elapsed_s, clock):
-            if role == "coordinator":
-                raise JobFailed("the coordinator was killed (fault injection); its state (membership, "
-                                "chains) is not persisted, so the job cannot go on without it")
             if role == "server" and self.config.recovery.strategy == "none":
                 raise JobFailed(f"server {index} was killed (fault injection) and recovery is 'none': "
                                 f"training cannot go on; use --recovery checkpoint, chain or stateless")
@@ -145,14 +184,14 @@ class Driver:
         except (ConnectionError, OSError, ServerError) as exc:
             elapsed = time.monotonic() - t_start
             self.log.emit("eval_skipped", elapsed_s=elapsed, reason=str(exc), **({"final": True} if final else {}))
-            if not final:  # the model cannot be read, but the cluster can: keep the view live
-                self.progress.show(elapsed, self.watch.view(self.control.call("status"), elapsed))
+            if not final:  # the model cannot be read, but the cluster may be: keep the view live
+                self.progress.show(elapsed, self.watch.view(self._status() or self.last_status, elapsed))
             if not final and t.duration_s is not None and elapsed >= t.duration_s:
                 return f"duration of {t.duration_s:g}s reached"
             return None
         elapsed = time.monotonic() - t_start
         self.log.emit("eval", elapsed_s=elapsed, **({"final": True} if final else {}), **result)
-        status = {"members": []} if final else self.control.call("status")
+        status = {"members": []} if final else (self._status() or self.last_status)
         workers = [m for m in status["members"] if m["role"] == "worker" and m.get("alive")]
         losses = [w["stats"]["loss"] for w in workers if (w.get("stats") or {}).get("loss") is not None]
         train_loss = sum(losses) / len(losses) if losses else None
@@ -170,7 +209,7 @@ class Driver:
 
     def _stop(self, reason: str, t_start: float) -> None:
         self.log.emit("stopping", reason=reason)
-        self.control.call("stop", reason=reason)
+        self._control("stop", t_start, reason=reason)
         workers = {("worker", w) for w in range(self.config.cluster.workers)}
         self.check(self.launcher.wait_for(workers, STOP_TIMEOUT_S))
         if workers & set(self.launcher.running()):
@@ -180,6 +219,6 @@ class Driver:
             self.tensorboard.close()
         self.client.close()
         self.shutting_down = True
-        self.control.call("shutdown", reason=reason)
+        self._control("shutdown", t_start, reason=reason)
         self.control.close()
         self.check(self.launcher.wait_for(set(self.launcher.running()), STOP_TIMEOUT_S))

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from .base import Exit, Launcher, RoleKey
+from ..control.store import INCARNATION_ENV
 from ..spec import HOST_ENV, LISTEN_FD_ENV, RoleSpec
 
 _PR_SET_PDEATHSIG = 1
@@ -40,13 +41,22 @@ class LocalLauncher(Launcher):
         self.procs: dict[RoleKey, subprocess.Popen] = {}
         self._pidfds: dict[int, RoleKey] = {}
         self._poll = select.poll()
-        self._coordinator_socket: socket.socket | None = None
+        self._coordinator_sockets: dict[int, socket.socket] = {}  # bound, not yet handed down
+        self._coordinator_addresses: dict[int, tuple[str, int]] = {}
+        self.starts: dict[RoleKey, int] = {}
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
 
-    def bind_coordinator(self, host: str) -> str:
-        self._coordinator_socket = socket.create_server((host, 0))
-        host, port = self._coordinator_socket.getsockname()[:2]
+    def bind_coordinator(self, host: str, index: int = 0) -> str:
+        host, port = self._bind(index, (host, 0))
         return f"{host}:{port}"
+
+    def _bind(self, index: int, address: tuple[str, int]) -> tuple[str, int]:
+        # A restart binds the same port again (create_server sets SO_REUSEADDR): the
+        # roles keep dialling the address they were given.
+        listen = socket.create_server(address)
+        self._coordinator_sockets[index] = listen
+        self._coordinator_addresses[index] = listen.getsockname()[:2]
+        return self._coordinator_addresses[index]
 
     def use_spec(self, spec: RoleSpec, path: Path) -> None:
         self.spec_path = path
@@ -56,10 +66,14 @@ class LocalLauncher(Launcher):
             raise RuntimeError("use_spec() comes before start()")
         out = open(self.run_dir / "logs" / f"{role}-{index}.log", "ab")
         argv = [sys.executable, "-m", "stalwart.launch.role", role, str(index), str(self.spec_path)]
-        env, pass_fds = self.env, ()
-        if role == "coordinator" and (listen := self._coordinator_socket) is not None:
-            listen.set_inheritable(True)
-            env, pass_fds = {**env, LISTEN_FD_ENV: str(listen.fileno())}, (listen.fileno(),)
+        self.starts[(role, index)] = self.starts.get((role, index), 0) + 1
+        env, pass_fds = {**self.env, INCARNATION_ENV: str(self.starts[(role, index)])}, ()
+        if role == "coordinator":
+            if index not in self._coordinator_sockets and index in self._coordinator_addresses:
+                self._bind(index, self._coordinator_addresses[index])
+            if (listen := self._coordinator_sockets.get(index)) is not None:
+                listen.set_inheritable(True)
+                env, pass_fds = {**env, LISTEN_FD_ENV: str(listen.fileno())}, (listen.fileno(),)
         if (place := self.placement.get(f"{role}:{index}")) is not None:
             # A host of its own (a netlab namespace): `ip netns exec` execs in place, so the
             # pid, the pidfd and the death signal are the role's own.
@@ -70,8 +84,9 @@ class LocalLauncher(Launcher):
             pass_fds=pass_fds, start_new_session=True, preexec_fn=_die_with_parent)
         out.close()
         if pass_fds:
-            self._coordinator_socket.close()  # the coordinator holds it now
-            self._coordinator_socket = None
+            # The coordinator holds it now; with ours closed, a dead coordinator's port
+            # refuses connections at once instead of queueing them unanswered.
+            self._coordinator_sockets.pop(index).close()
         self.procs[(role, index)] = proc
         fd = os.pidfd_open(proc.pid)
         self._pidfds[fd] = (role, index)
@@ -108,6 +123,6 @@ class LocalLauncher(Launcher):
                 pass
 
     def release(self) -> None:
-        if self._coordinator_socket is not None:
-            self._coordinator_socket.close()
-            self._coordinator_socket = None
+        for listen in self._coordinator_sockets.values():
+            listen.close()
+        self._coordinator_sockets.clear()

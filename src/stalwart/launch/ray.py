@@ -77,8 +77,8 @@ class RoleHost:
     def node(self) -> str:
         return self.node_id
 
-    def bind_coordinator(self) -> str:
-        return self.local.bind_coordinator(self.host)
+    def bind_coordinator(self, index: int = 0) -> str:
+        return self.local.bind_coordinator(self.host, index)
 
     def start(self, role: str, index: int, spec: dict) -> int:
         role_spec, path = RoleSpec(**spec), self.run_dir / "spec.json"
@@ -185,9 +185,9 @@ class RayLauncher(Launcher):
                 "nodes": {f"{role}:{index}": node for (role, index), node in self.nodes.items()}}
 
     # --- the Launcher interface ------------------------------------------------------------
-    def bind_coordinator(self, host: str) -> str:
-        actor = self._host("coordinator", 0)
-        return self._call(actor.bind_coordinator, what="binding the coordinator's socket")
+    def bind_coordinator(self, host: str, index: int = 0) -> str:
+        actor = self._host("coordinator", index)
+        return self._call(actor.bind_coordinator, index, what="binding the coordinator's socket")
 
     def use_spec(self, spec: RoleSpec, path: Path) -> None:
         self.spec = asdict(spec)

@@ -14,7 +14,7 @@ def main(argv: list[str]) -> int:
     spec = RoleSpec.load(spec_path)
     if role == "coordinator":
         from ..control.main import run_coordinator
-        return run_coordinator(spec)
+        return run_coordinator(spec, index)
     if role == "server":
         from ..server.main import run_server
         return run_server(spec, index)

@@ -81,6 +81,9 @@ def _kills(events: list[dict], replicas: int) -> tuple[list[dict], int]:
     it. ``lost_updates``, for a server kill: the most, over the workers that had to
     reconnect, by which the version a worker last saw acknowledged by the shard exceeds
     the version it found there on reconnecting (None when no worker had to reconnect).
+    ``removed_s``, for a chain replica: seconds until the coordinator took it out of its
+    chain. ``control_back_s``, for a coordinator: seconds until a coordinator (restarted,
+    or a standby) answered its first request, a member's rejoin.
     """
     kills, lost_total = [], 0
     for k in (e for e in events if e["event"] == "kill"):
@@ -94,6 +97,12 @@ def _kills(events: list[dict], replicas: int) -> tuple[list[dict], int]:
         entry = {"role": role, "index": index, "at_s": k["at_s"], "rule": k.get("rule"),
                  "down_s": k.get("down_s"), "restarted_at_s": restart["at_s"] if restart else None,
                  "recovered_s": (resumed["t"] - t) if resumed else None}
+        if role == "coordinator":
+            back = next((e for e in after if e["event"] == "member_rejoined"), None)
+            entry["control_back_s"] = (back["t"] - t) if back else None
+        if role == "server" and replicas > 1:
+            removed = next((e for e in after if e["event"] == "replica_removed" and e["member_index"] == index), None)
+            entry["removed_s"] = (removed["t"] - t) if removed else None
         if role == "server":
             entry["shard"] = shard
             later_kill = next((e["t"] for e in after if e["event"] == "kill"), float("inf"))

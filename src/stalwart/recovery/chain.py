@@ -120,6 +120,11 @@ class ChainRecovery(RecoveryStrategy):
         self._wake = threading.Event()
         self._closed = False
         self._last_state_version = 0
+        control.rejoin_extra = self.rejoin_view
+
+    def rejoin_view(self) -> dict:
+        """What a coordinator that lost its state learns from this replica: its chain."""
+        return {"chain": [[m.index, m.address] for m in self.members], "formed": self.formed}
 
     def max_payload(self) -> int:
         # A whole-state transfer: parameters, optimizer and policy arrays, and a header.
@@ -128,7 +133,8 @@ class ChainRecovery(RecoveryStrategy):
     # --- position in the chain ------------------------------------------------------
     def refresh(self) -> None:
         try:
-            reply = self.control.call("chain", shard=self.shard.shard)
+            # No waiting: while no coordinator answers, the chain as last read stands.
+            reply = self.control.call("chain", patience_s=0.0, shard=self.shard.shard)
         except CoordinatorError:
             return
         self.members = [Member(int(i), str(a)) for i, a in reply["members"]]
@@ -355,6 +361,7 @@ class ChainRecovery(RecoveryStrategy):
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and not self._closed:
             self.refresh()
+            read_at = self.control.epoch
             if self.position()[0] is not None:
                 return  # in the chain already (the first formation)
             if not self.members:
@@ -378,7 +385,14 @@ class ChainRecovery(RecoveryStrategy):
                           lsn=self.last_lsn, source=tail.index)
             # From now on the tail forwards every entry to us on this connection.
             threading.Thread(target=self.serve, args=(conn,), daemon=True, name="chain-up").start()
-            self.control.call("chain_join", index=self.index)
+            try:
+                self.control.call("chain_join", index=self.index, epoch=read_at)
+            except CoordinatorError as exc:
+                # Refused as stale (a new coordinator since we read the chain) or none
+                # answered: the tail we copied may not be the tail now. Start over.
+                self.log.emit("chain_join_refused", shard=self.shard.shard, reason=str(exc))
+                conn.close()
+                continue
             self.refresh()
             return
         raise RuntimeError(f"server {self.index} could not join shard {self.shard.shard}'s chain in {timeout_s}s")

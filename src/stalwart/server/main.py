@@ -51,7 +51,7 @@ def run_server(spec: RoleSpec, index: int) -> int:
     state = ShardState(shard, size, optimizer_from_config(job.optimizer, size),
                        parse_policy(job.sync.policy)(job.cluster.workers, size, leader=shard == 0),
                        job.cluster.workers, log)
-    control = CoordinatorClient(spec.coordinator, token, "server", index)
+    control = CoordinatorClient(spec.coordinator, token, "server", index, give_up_s=job.control.patience_s)
     recovery = recovery_from_config(job, spec.run_dir, index, shard, log, control, token)
     # A launcher that places roles on hosts of their own (netlab) says where this one is.
     host = os.environ.get(HOST_ENV) or job.cluster.host
@@ -67,13 +67,14 @@ def run_server(spec: RoleSpec, index: int) -> int:
             done.set()
 
     server.start()
-    control.register(address=server.address)
+    # A server restarted while the coordinator is down waits for one to come back.
+    control.register(address=server.address, patience_s=job.control.patience_s)
     control.start_heartbeats(job.cluster.heartbeat_s, stats=server.snapshot_stats, on_state=on_state)
     threading.Thread(target=lambda: control.lost.wait() and done.set(), daemon=True).start()
     recovery.start()
     serve_until(server, done)
     if control.lost.is_set() and control.state != "shutdown":
-        log.emit("coordinator_lost")
+        log.emit("coordinator_lost", silent_s=job.control.patience_s)
     recovery.close()
     control.close()
     log.close()

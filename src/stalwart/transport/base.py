@@ -9,6 +9,7 @@ a TCP stream) gets them for free.
 
 from __future__ import annotations
 
+import socket
 from abc import ABC, abstractmethod
 from typing import Callable
 
@@ -92,3 +93,13 @@ def split_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ValueError(f"address {address!r} is not of the form host:port")
     return host.strip("[]"), int(port)
+
+
+def answers(address: str, timeout_s: float = 0.2) -> bool:
+    """Does anything accept a TCP connection at ``address``? A SIGKILLed process does
+    not: the kernel refuses at once. The probe behind every "is it really dead?"."""
+    try:
+        socket.create_connection(split_address(address), timeout=timeout_s).close()
+        return True
+    except (OSError, ValueError):
+        return False

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..metrics import EventLog
 from .auth import AuthError, server_handshake
-from .base import Connection, Listener
+from .base import Connection, ConnectionClosed, Listener
 from .frame import Frame, Kind, ProtocolError
 
 
@@ -84,6 +84,11 @@ class FrameService:
     def _serve(self, conn: Connection) -> None:
         try:
             server_handshake(conn, self.token)
+        except ConnectionClosed:
+            # Gone before answering the challenge: a liveness probe (transport.base.answers),
+            # or a peer that gave up. Nothing was claimed, so there is nothing to report.
+            conn.close()
+            return
         except (AuthError, ProtocolError, ConnectionError, socket.timeout, OSError) as exc:
             self.log.emit("rejected", peer=conn.peer, reason=f"handshake: {exc}")
             conn.close()

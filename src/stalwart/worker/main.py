@@ -194,8 +194,8 @@ def run_worker(spec: RoleSpec, index: int) -> int:
     log = EventLog.for_role(spec.run_dir, "worker", index)
     work = _local_work(job, index)
     stopping, tally = threading.Event(), Tally()
-    control = CoordinatorClient(spec.coordinator, token, "worker", index)
-    control.register()
+    control = CoordinatorClient(spec.coordinator, token, "worker", index, give_up_s=job.control.patience_s)
+    control.register(patience_s=job.control.patience_s)
     # The heartbeat thread sees only the view of the detached shards, never the optimizer:
     # a daemon thread that dropped the last reference to the model's tensors during the
     # interpreter's shutdown would free them without the GIL, and abort the process.
