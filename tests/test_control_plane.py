@@ -253,3 +253,37 @@ def test_with_etcd_a_standby_takes_over_a_killed_coordinator_in_under_a_second(r
     (killed,) = [e for e in events(run_dir, "kill")]
     assert leads[1]["t"] - killed["t"] < 1.0
     assert kill["control_back_s"] < 1.0
+
+
+@pytest.mark.integration
+def test_a_coordinator_that_dies_unplanned_is_restarted_by_the_driver(run_root):
+    """Not the fault injector's kill: a SIGKILL from outside, as an OOM killer would send."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    config = short_job(run_root, [], train={"duration_s": 5})
+    killed: dict = {}
+
+    def kill_the_coordinator_once_training_runs() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            started = list(run_root.glob("*/events/worker-0.jsonl"))
+            if started and "worker_start" in started[0].read_text():
+                found = subprocess.run(["pgrep", "-f", f"stalwart.launch.role coordinator 0 {run_root}"],
+                                       capture_output=True, text=True).stdout.split()
+                if found:
+                    os.kill(int(found[0]), signal.SIGKILL)
+                    killed["pid"] = int(found[0])
+                    return
+            time.sleep(0.05)  # polling for the moment to strike, bounded by the deadline
+
+    striker = threading.Thread(target=kill_the_coordinator_once_training_runs, daemon=True)
+    striker.start()
+    summary = Job(config).run()
+    striker.join(5)
+    assert killed and summary["status"] == "completed" and summary["final_accuracy"] > 0.5
+    (restart,) = events(only_run(run_root), "restart")
+    assert restart["member_role"] == "coordinator" and "SIGKILL" in restart["unplanned"]
+    assert [e["generation"] for e in events(only_run(run_root), "coordinator_leads")] == [1, 2]

@@ -510,6 +510,33 @@ def experiment_failure(
     console.print(f"results: {out}/results.md, {out}/results.json, {out}/table.json, {out}/accuracy.png")
 
 
+@experiment_app.command("control")
+def experiment_control(
+    out: Path = typer.Option(Path("experiments/control"), help="folder for results and runs"),
+    seeds: int = typer.Option(3, min=1, help="runs per scenario"),
+    duration: float = typer.Option(20.0, min=4, help="seconds of training per run"),
+    kill_at: float = typer.Option(8.0, min=0.5, help="seconds into training of the first kill"),
+    down: float = typer.Option(2.0, min=0, help="seconds a killed role stays down before its restart"),
+    scenario: Optional[list[str]] = typer.Option(
+        None, "--scenario", help="coordinator restart | etcd takeover | replica kill | "
+                                 "replica kill, coordinator down (repeatable; default all)"),
+) -> None:
+    """The control plane's failures on the default job: a coordinator restart, an etcd takeover,
+    and a replica's removal with the coordinator up and down."""
+    _writable_dir(out, "--out")
+    from .experiments.control import SCENARIOS, render_markdown, run_control_experiment
+
+    unknown = [s for s in scenario or [] if s not in SCENARIOS]
+    if unknown:
+        _fail(f"--scenario {unknown[0]!r}: expected one of {', '.join(SCENARIOS)}")
+    if kill_at + down + 2 >= duration:
+        _fail(f"--duration {duration:g} leaves no training after the kill at {kill_at:g}s and {down:g}s down")
+    result = run_control_experiment(out, {"train": {"duration_s": duration}}, seeds, kill_at, down,
+                                    tuple(scenario or SCENARIOS))
+    console.print(render_markdown(result), highlight=False)
+    console.print(f"results: {out}/results.md, {out}/results.json, runs in {out}/runs")
+
+
 @netlab_app.command("run")
 def netlab_run(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML job file"),

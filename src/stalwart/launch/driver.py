@@ -55,6 +55,7 @@ class Driver:
         self.finished: set[int] = set()   # workers that ended their epochs
         self.shutting_down = False
         self.coordinator_restarts = 0
+        self.t_start: float | None = None  # when training started (the clock of kills and restarts)
         self.last_status: dict = {"members": [], "chains": []}  # for the display while it is down
         self.injector: FaultInjector | None = None
         try:
@@ -93,7 +94,8 @@ class Driver:
                     raise JobFailed(f"{e.describe()}, its {self.coordinator_restarts}th unplanned death; "
                                     f"not restarting it again (see {self.logs_dir}/coordinator-{e.index}.log)")
                 pid = self.launcher.start("coordinator", e.index)
-                self.log.emit("restart", member_role="coordinator", member_index=e.index, pid=pid,
+                at_s = time.monotonic() - self.t_start if self.t_start is not None else 0.0
+                self.log.emit("restart", member_role="coordinator", member_index=e.index, pid=pid, at_s=at_s,
                               unplanned=e.describe())
             elif e.returncode != 0 or not self.shutting_down:
                 raise JobFailed(f"{e.describe()}; stopping the job (see {self.logs_dir}/{e.role}-{e.index}.log)")
@@ -147,7 +149,7 @@ class Driver:
         processes = c.cluster.servers * c.recovery.replicas_per_shard
         while sum(bool((m["stats"] or {}).get("initialized")) for m in self._members("server")) < processes:
             self.check(self.launcher.wait(0.05))
-        t_start = time.monotonic()
+        t_start = self.t_start = time.monotonic()
         self.log.emit("train_start")
         reason, next_eval = None, t_start
         while reason is None:
