@@ -207,7 +207,7 @@ class CoordinatorClient:
                 try:
                     reply = self.call("heartbeat", patience_s=0.0, role=self.role, index=self.index,
                                       stats=stats() if stats else None)
-                except CoordinatorUnavailable:
+                except CoordinatorUnavailable:  # (a subclass: caught before the refusals)
                     now = time.monotonic()
                     self.unreachable_since = self.unreachable_since or now
                     if now - self.unreachable_since > self.give_up_s:
@@ -215,10 +215,12 @@ class CoordinatorClient:
                         return
                     continue
                 except CoordinatorError:
-                    # Refused: a coordinator that does not know us even after a rejoin
-                    # (it shut down, or this member was dropped); nothing to renew.
-                    self.lost.set()
-                    return
+                    # Refused (a coordinator that does not know this member, or one that
+                    # is stale): dial again, and rejoin, on the next beat.
+                    with self._lock:
+                        self._drop()
+                        self._skip_standby()
+                    continue
                 self.unreachable_since = None
                 if on_state is not None:
                     on_state(reply["state"])

@@ -94,6 +94,7 @@ class Coordinator(FrameService):
         self._cond = threading.Condition()
         self._shutdown = threading.Event()
         self.deposed = False
+        self._closed_job = False  # took over a job that had already shut down
 
     # --- wire --------------------------------------------------------------------
     def handle(self, session: Session, frame: Frame) -> None:
@@ -392,6 +393,9 @@ class Coordinator(FrameService):
             self.generation = generation  # from here on requests are served, not deflected
         self.log.emit("coordinator_leads", generation=generation, epoch=self.epoch, restored=saved is not None,
                       members=len(self.members))
+        if self.state == "shutdown":  # a standby that outlived the job: nothing left to lead
+            self._closed_job = True
+            self._shutdown.set()
 
     def run(self, tick_s: float) -> int:
         """Serve until shut down, expiring leases every tick; 0, or 3 if deposed."""
@@ -413,7 +417,7 @@ class Coordinator(FrameService):
             self.close()
             return 3
         deadline = time.monotonic() + min(LINGER_S, self.lease_s)
-        while not self._closed.is_set() and not self._everyone_told() and time.monotonic() < deadline:
+        while not (self._closed.is_set() or self._closed_job or self._everyone_told()) and time.monotonic() < deadline:
             time.sleep(tick_s / 4)  # every member hears "shutdown" on its next heartbeat
         self.log.emit("coordinator_stop", reason=self.stop_reason)
         self.store.close()

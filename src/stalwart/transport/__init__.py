@@ -3,19 +3,29 @@
 from .auth import AuthError, client_handshake, server_handshake
 from .base import Connection, ConnectionClosed, Listener, Transport, split_address
 from .frame import NO_WORKER, Flag, Frame, Kind, ProtocolError
-from .ltp import LtpTransport
 from .tcp import TcpTransport
 
-TRANSPORTS: dict[str, type[Transport]] = {"tcp": TcpTransport, "ltp": LtpTransport}
+TRANSPORTS = ("tcp", "ltp")
+
+
+def __getattr__(name: str):
+    # LTP (and the NumPy it needs) is imported by whoever uses it, not by every role:
+    # the coordinator, which only speaks TCP, starts in half the time without it.
+    if name == "LtpTransport":
+        from .ltp import LtpTransport
+        return LtpTransport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_transport(name: str, options=None, shm: bool = True) -> Transport:
     """A transport by name; ``options`` is its config section where it has one (LTP's);
     ``shm`` allows shared memory between two ends on one host (TCP's)."""
-    try:
-        return TRANSPORTS[name](options, shm)
-    except KeyError:
-        raise ValueError(f"unknown transport {name!r}; choose one of {sorted(TRANSPORTS)}") from None
+    if name == "tcp":
+        return TcpTransport(options, shm)
+    if name == "ltp":
+        from .ltp import LtpTransport
+        return LtpTransport(options, shm)
+    raise ValueError(f"unknown transport {name!r}; choose one of {sorted(TRANSPORTS)}")
 
 
 def dial(address: str, token: bytes, transport: str = "tcp", timeout: float = 5.0,
