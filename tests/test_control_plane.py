@@ -287,3 +287,20 @@ def test_a_coordinator_that_dies_unplanned_is_restarted_by_the_driver(run_root):
     (restart,) = events(only_run(run_root), "restart")
     assert restart["member_role"] == "coordinator" and "SIGKILL" in restart["unplanned"]
     assert [e["generation"] for e in events(only_run(run_root), "coordinator_leads")] == [1, 2]
+
+
+def test_the_control_experiment_reads_outage_figures_from_a_summary():
+    from stalwart.experiments.control import aggregate, measures
+    curve = [{"elapsed_s": t, "version": v, "accuracy": 0.9} for t, v in [(4, 100), (8, 300), (9, 340), (11, 420), (13, 520)]]
+    summary = {"status": "completed", "final_accuracy": 0.95, "lost_updates": 0, "curve": curve,
+               "kills": [{"role": "coordinator", "index": 0, "at_s": 8.0, "control_back_s": 3.0}]}
+    row = measures(summary)
+    assert row["rate_before"] == 50.0          # (300 - 100) / (8 - 4)
+    assert row["rate_during"] == 40.0          # (420 - 300) / (11 - 8)
+    assert row["lost_updates"] is None         # no server was killed: nothing to lose
+    server_kill = dict(summary, kills=[{"role": "server", "index": 0, "at_s": 8.0, "removed_s": 0.03}])
+    assert measures(server_kill)["removed_s"] == 0.03 and measures(server_kill)["lost_updates"] == 0
+    result = aggregate([dict(summary, group="coordinator restart", seed=s) for s in range(3)],
+                       ("coordinator restart",), 3, 8.0, 2.0, {})
+    (agg,) = result["rows"]
+    assert agg["completed"] == 3 and agg["control_back_s"] == 3.0 and agg["rate_during_range"] == (40.0, 40.0)

@@ -58,7 +58,7 @@ def measures(summary: dict) -> dict:
     row = {"final_accuracy": summary.get("final_accuracy"), "status": summary.get("status"),
            "control_back_s": coordinator.get("control_back_s") if coordinator else None,
            "removed_s": server.get("removed_s") if server else None,
-           "lost_updates": summary.get("lost_updates")}
+           "lost_updates": summary.get("lost_updates") if server else None}
     if coordinator and coordinator.get("control_back_s") is not None:
         at, back = coordinator["at_s"], coordinator["at_s"] + coordinator["control_back_s"]
         row["rate_before"] = _rate(summary.get("curve", []), at - 4.0, at)
@@ -99,6 +99,15 @@ def run_control_experiment(out: Path, base: dict, seeds: int, kill_at_s: float, 
     finally:
         if etcd is not None:
             etcd.stop()
+    result = aggregate(summaries, scenarios, seeds, kill_at_s, down_s, skipped)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.md").write_text(render_markdown(result))
+    return result
+
+
+def aggregate(summaries: list[dict], scenarios: tuple[str, ...], seeds: int, kill_at_s: float, down_s: float,
+              skipped: dict) -> dict:
+    """Median and range per scenario of what :func:`measures` reads from each run."""
     rows = []
     for name in scenarios:
         got = [measures(s) for s in summaries if s["group"] == name]
@@ -107,10 +116,7 @@ def run_control_experiment(out: Path, base: dict, seeds: int, kill_at_s: float, 
             row[key] = _median([g.get(key) for g in got])
             row[f"{key}_range"] = _range([g.get(key) for g in got])
         rows.append(row)
-    result = {"rows": rows, "skipped": skipped, "seeds": seeds, "kill_at_s": kill_at_s, "down_s": down_s}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "results.md").write_text(render_markdown(result))
-    return result
+    return {"rows": rows, "skipped": skipped, "seeds": seeds, "kill_at_s": kill_at_s, "down_s": down_s}
 
 
 def render_markdown(result: dict) -> str:
