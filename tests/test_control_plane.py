@@ -304,3 +304,15 @@ def test_the_control_experiment_reads_outage_figures_from_a_summary():
                        ("coordinator restart",), 3, 8.0, 2.0, {})
     (agg,) = result["rows"]
     assert agg["completed"] == 3 and agg["control_back_s"] == 3.0 and agg["rate_during_range"] == (40.0, 40.0)
+
+
+def test_a_finished_jobs_state_is_left_in_etcd_only_under_a_lease(etcd):
+    store = EtcdStore(etcd.endpoint, "finished-job")
+    with listening() as sock:
+        store.lead("127.0.0.1:%d" % sock.getsockname()[1], lambda: False)
+        store.save({"state": "running"})
+        assert "lease" not in store._get("state")            # a running job's state outlives any lease
+        store.save({"state": "shutdown"})
+        held = store._get("state")
+        assert int(held["lease"]) > 0 and store.load() == {"state": "shutdown"}
+        store.close()

@@ -94,3 +94,9 @@ def test_the_watch_builds_the_view_from_membership_heartbeats_and_the_fault_sche
     assert shard.servers == [0, 2] and shard.version == 102
     assert (10.0, "shard 0 chain: servers 0, 1, 2 [dim]now[/dim] servers 0, 2") in notes
     assert (9.0, "server 1 [red]down[/red]") in notes     # the injector killed it: down at once
+    # A restarted coordinator that has not heard from every server yet knows no chain:
+    # that is not a change, and neither is its coming back.
+    notes.clear()
+    watch.view(status([], [40] * 5), 11.0)
+    watch.view(status([0, 2], [50] * 5), 12.0)
+    assert not [n for n in notes if "chain" in n[1]]

@@ -21,7 +21,8 @@ Two implementations, chosen by ``control.store``:
 * :class:`EtcdStore` keeps a snapshot in etcd, under ``/stalwart/<job>/``, and elects
   the leader there: ``leader`` is a key bound to a 2 s etcd lease that the leader keeps
   alive; the generation is that key's mod revision (etcd revisions only grow); ``state``
-  is written only by a transaction that checks ``leader`` is still ours. Standbys poll
+  is written only by a transaction that checks ``leader`` is still ours, and once the
+  job has shut down it is written under a 60 s lease, so etcd forgets finished jobs. Standbys poll
   the key and also probe the leader's address: a leader SIGKILLed stops answering at
   once, and a standby replaces it by compare-and-swap on the exact key it saw, without
   waiting for the lease (at least 1 s in etcd) to run out. That is what makes a takeover
@@ -50,6 +51,7 @@ EPOCH_STRIDE = 1 << 20          # epochs a generation may use before the next on
 INCARNATION_ENV = "STALWART_INCARNATION"  # the launcher's count of this role's starts
 LEADER_TTL_S = 2                 # etcd lease on the leader key (etcd counts whole seconds)
 POLL_S = 0.05                    # a standby's look at the leader key and the leader itself
+FINAL_STATE_TTL_S = 60           # how long a finished job's state stays in etcd
 
 
 class Deposed(RuntimeError):
@@ -199,8 +201,12 @@ class EtcdStore(ControlStore):
     def save(self, state: dict) -> None:
         if self._leader_revision is None or self.deposed.is_set():
             raise Deposed("this coordinator does not lead")
-        reply = self._post("/kv/txn", {"compare": [self._fence()], "success": [
-            {"request_put": {"key": _b64(self.prefix + "state"), "value": _b64(json.dumps(state))}}]})
+        put = {"key": _b64(self.prefix + "state"), "value": _b64(json.dumps(state))}
+        if state.get("state") == "shutdown":
+            # The job's last word: kept long enough for every standby to read it and go,
+            # then etcd deletes it, so that a shared etcd does not collect dead jobs.
+            put["lease"] = int(self._post("/lease/grant", {"TTL": FINAL_STATE_TTL_S, "ID": 0})["ID"])
+        reply = self._post("/kv/txn", {"compare": [self._fence()], "success": [{"request_put": put}]})
         if not reply.get("succeeded"):
             self.deposed.set()
             raise Deposed("another coordinator took the lead")

@@ -82,7 +82,9 @@ class ClusterWatch:
         down |= {i for (role, i) in self.injector.down if role == "server"}
         if self._chains is not None:
             for s, (old, new) in enumerate(zip(self._chains, chains)):
-                if old != new:
+                # An empty chain is one not known yet (a restarted coordinator whose
+                # servers have not all rejoined), not a change worth a line.
+                if old != new and old and new:
                     self.progress.note(elapsed, f"shard {s} chain: {_chain_text(old)} [dim]now[/dim] "
                                                 f"{_chain_text(new)}")
         for i in sorted(down - self._servers_down):
