@@ -80,12 +80,15 @@ class RoleHost:
     def bind_coordinator(self, index: int = 0) -> str:
         return self.local.bind_coordinator(self.host, index)
 
-    def start(self, role: str, index: int, spec: dict) -> int:
+    def start(self, role: str, index: int, spec: dict, incarnation: int = 1) -> int:
         role_spec, path = RoleSpec(**spec), self.run_dir / "spec.json"
         if not path.exists():  # another node's copy; on the driver's node it is already there
             role_spec.save(path)
         self.local.use_spec(role_spec, path)
         self.key = (role, index)
+        # The driver counts starts, not this actor: a replacement actor (its node died)
+        # must not tell a coordinator it is the first, or its epochs would repeat.
+        self.local.starts[(role, index)] = incarnation - 1
         return self.local.start(role, index)
 
     def wait_exit(self) -> Exit:
@@ -142,6 +145,7 @@ class RayLauncher(Launcher):
         self.nodes: dict[RoleKey, str] = {}
         self.exits: dict[object, RoleKey] = {}  # a pending wait_exit call -> its role
         self.groups: dict[int, object] = {}     # shard -> the placement group of its replicas
+        self.starts: dict[RoleKey, int] = {}    # each role's starts: its incarnation
         self.spec: dict | None = None
 
     # --- placement ------------------------------------------------------------------
@@ -194,7 +198,9 @@ class RayLauncher(Launcher):
 
     def start(self, role: str, index: int) -> int:
         actor = self._host(role, index)
-        pid = self._call(actor.start, role, index, self.spec, what=f"starting {role} {index}")
+        self.starts[(role, index)] = self.starts.get((role, index), 0) + 1
+        pid = self._call(actor.start, role, index, self.spec, self.starts[(role, index)],
+                         what=f"starting {role} {index}")
         self.exits[actor.wait_exit.remote()] = (role, index)
         return pid
 
