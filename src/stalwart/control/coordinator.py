@@ -46,7 +46,6 @@ from .store import EPOCH_STRIDE, ControlStore, Deposed, MemoryStore, StoreError
 
 JOB_STATES = ("running", "stopping", "shutdown")
 ROLES = ("server", "worker", "driver", "client", "bench", "observer")
-LINGER_S = 3.0  # after shutdown, how long to keep answering until every member has heard
 
 
 @dataclass
@@ -416,7 +415,8 @@ class Coordinator(FrameService):
             self.generation = None  # answer as a standby from now on, then go
             self.close()
             return 3
-        deadline = time.monotonic() + min(LINGER_S, self.lease_s)
+        # A live member heartbeats within its lease; one silent longer is dead to us anyway.
+        deadline = time.monotonic() + self.lease_s + 2 * tick_s
         while not (self._closed.is_set() or self._closed_job or self._everyone_told()) and time.monotonic() < deadline:
             time.sleep(tick_s / 4)  # every member hears "shutdown" on its next heartbeat
         self.log.emit("coordinator_stop", reason=self.stop_reason)
