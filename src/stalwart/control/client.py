@@ -29,6 +29,9 @@ from typing import Any, Callable
 from ..transport import AuthError, ConnectionClosed, Frame, Kind, ProtocolError, dial
 
 DIAL_TIMEOUT_S = 2.0
+# A caller with no patience (the driver) dials this briefly: a restarted coordinator's
+# port is bound before its process serves, and a connection there waits unanswered.
+HASTY_DIAL_S = 0.25
 BACKOFF_S = (0.02, 0.5)  # first and longest wait between attempts to reach a coordinator
 
 
@@ -68,11 +71,13 @@ class CoordinatorClient:
         self.unreachable_since: float | None = None
 
     # --- requests ------------------------------------------------------------------
-    def call(self, op: str, patience_s: float | None = None, **args: Any) -> dict:
+    def call(self, op: str, patience_s: float | None = None, dial_s: float | None = None, **args: Any) -> dict:
         """Send ``op`` and return its reply; retry through an outage for ``patience_s``
         (the handle's default when None). Raises :class:`CoordinatorUnavailable` when no
-        coordinator answered in that time, :class:`CoordinatorError` when one refused."""
+        coordinator answered in that time, :class:`CoordinatorError` when one refused.
+        ``dial_s`` bounds one dial (by default short when there is no patience)."""
         patience = self.patience_s if patience_s is None else patience_s
+        dial_s = dial_s if dial_s is not None else HASTY_DIAL_S if patience == 0 else DIAL_TIMEOUT_S
         deadline = time.monotonic() + patience
         wait = BACKOFF_S[0]
         while True:
@@ -80,7 +85,7 @@ class CoordinatorClient:
                 with self._lock:
                     if self._closed.is_set():
                         raise CoordinatorUnavailable(f"the handle on the coordinator is closed ({op!r})")
-                    reply = self._exchange(op, args)
+                    reply = self._exchange(op, args, dial_s)
                 break
             except (OSError, ConnectionClosed, ProtocolError, _Standby) as exc:
                 left = deadline - time.monotonic()
@@ -95,10 +100,10 @@ class CoordinatorClient:
         self.epoch = max(self.epoch, int(reply.get("epoch", self.epoch)))
         return reply
 
-    def _exchange(self, op: str, args: dict) -> dict:
+    def _exchange(self, op: str, args: dict, dial_s: float) -> dict:
         """One request on a live connection (made here if need be). Caller holds _lock."""
         if self._conn is None:
-            self._connect()
+            self._connect(dial_s)
         try:
             return self._request(self._conn, op, args)
         except _Standby:
@@ -123,14 +128,14 @@ class CoordinatorClient:
             raise _Standby(f"{self.address} is a standby coordinator")
         return reply.meta
 
-    def _connect(self) -> None:
+    def _connect(self, dial_s: float) -> None:
         """Dial each address in turn, the last one that answered first; rejoin on the
         connection that works if this member had registered before."""
         order = sorted(self.addresses, key=lambda a: a != self.address)
         errors = []
         for address in order:
             try:
-                conn = dial(address, self.token, timeout=DIAL_TIMEOUT_S)
+                conn = dial(address, self.token, timeout=dial_s, handshake_timeout_s=dial_s)
             except AuthError as exc:  # not an outage: retrying cannot help
                 raise CoordinatorError(f"the coordinator at {address} refused this {self.role}: {exc}") from None
             except (OSError, ProtocolError) as exc:
@@ -205,8 +210,10 @@ class CoordinatorClient:
         def beat() -> None:
             while not self._closed.wait(interval_s):
                 try:
-                    reply = self.call("heartbeat", patience_s=0.0, role=self.role, index=self.index,
-                                      stats=stats() if stats else None)
+                    # One try per beat, but a dial may wait in a restarting coordinator's
+                    # backlog: its first rejoins then come the moment it serves.
+                    reply = self.call("heartbeat", patience_s=0.0, dial_s=DIAL_TIMEOUT_S, role=self.role,
+                                      index=self.index, stats=stats() if stats else None)
                 except CoordinatorUnavailable:  # (a subclass: caught before the refusals)
                     now = time.monotonic()
                     self.unreachable_since = self.unreachable_since or now

@@ -29,11 +29,16 @@ def get_transport(name: str, options=None, shm: bool = True) -> Transport:
 
 
 def dial(address: str, token: bytes, transport: str = "tcp", timeout: float = 5.0,
-         max_payload: int = 0) -> Connection:
-    """Connect and authenticate: the one way every client opens a connection."""
+         max_payload: int = 0, handshake_timeout_s: float | None = None) -> Connection:
+    """Connect and authenticate: the one way every client opens a connection.
+    ``timeout`` bounds the connect; ``handshake_timeout_s`` the challenge (5 s by default:
+    a peer that accepted may be slow to answer, but a caller may not wait that long)."""
     conn = get_transport(transport).connect(address, timeout=timeout)
     try:
-        client_handshake(conn, token)
+        if handshake_timeout_s is None:
+            client_handshake(conn, token)
+        else:
+            client_handshake(conn, token, handshake_timeout_s)
     except BaseException:
         conn.close()
         raise

@@ -75,8 +75,8 @@ def _authenticate_client(conn: Connection, token: bytes) -> None:
     conn.negotiated(_caps(reply))
 
 
-def client_handshake(conn: Connection, token: bytes) -> None:
-    conn.settimeout(HANDSHAKE_TIMEOUT_S)
+def client_handshake(conn: Connection, token: bytes, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
+    conn.settimeout(timeout_s)
     challenge = conn.recv()
     server_nonce = _expect(challenge, Kind.CHALLENGE, "nonce")
     client_nonce = secrets.token_bytes(NONCE_BYTES)
