@@ -13,7 +13,7 @@ starts (a session of its own, PDEATHSIG tied to the actor, pidfd, wait4). So:
 
 Placement. The replicas of one shard's chain go to one placement group with a bundle per
 replica and the SPREAD strategy: on several nodes they land on different ones, on one
-node they still run. Workers are spread too; the coordinator goes where Ray likes.
+node they still run. Workers and coordinators (a leader and its etcd standbys) are spread too.
 
 Addresses. With ``cluster.host`` on loopback (the default) every role binds to loopback,
 which is right on one node and refused on several (roles on other nodes could not reach
@@ -162,7 +162,8 @@ class RayLauncher(Launcher):
                                          f"within {PLACEMENT_TIMEOUT_S:g}s ({self.cpus} CPU each)")
                 self.groups[shard] = group
             return PlacementGroupSchedulingStrategy(self.groups[shard], placement_group_bundle_index=index % self.replicas)
-        return "SPREAD" if role == "worker" else "DEFAULT"
+        # Coordinators spread too: an etcd standby on another node survives its leader's node.
+        return "SPREAD" if role in ("worker", "coordinator") else "DEFAULT"
 
     def _host(self, role: str, index: int):
         key = (role, index)
