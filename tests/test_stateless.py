@@ -319,7 +319,7 @@ def stateless_job(run_root, sync, kills, down_s, servers=1, duration_s=9, **reco
 def test_workers_train_through_a_sigkilled_server_and_rebuild_it(run_root):
     # BSP over two shards: the live shard's barrier must let the workers go and take them back
     # 12 s: a merge can still set the model back for a while: the mean of copies that
-    # trained apart from an early point is worse than each of them (README, the failure
+    # trained apart from an early point is worse than each of them (docs/experiments.md, the failure
     # experiment); 9 s left 2 of 11 runs below their pre-kill accuracy, each one whose
     # training had started slowly (0.41 at the kill).
     summary = Job(stateless_job(run_root, "bsp", ["server:0@3s"], down_s=2.0, servers=2, duration_s=12)).run()
