@@ -192,6 +192,24 @@ def test_elastic_adapts_when_a_worker_changes_speed():
     assert leader.hint_for(1) == {"barrier": 1, "clock": 7}
 
 
+def test_elastic_with_a_span_predicts_from_a_smoothed_interval_that_one_noisy_step_barely_moves():
+    latest, smoothed = parse_policy("elastic:10")(1, 4), parse_policy("elastic:10:3")(1, 4)  # weight 0.5
+    for policy in (latest, smoothed):
+        # Intervals 1, 1, then one step of 3 (a scheduling hiccup): plans are placed after
+        # the second push, so each push re-plans only once the barrier is released.
+        _push_all(policy, [(0, 0, 0.0), (0, 1, 1.0)])
+        hint = policy.hint_for(0)
+        assert policy.plan["interval"] == {0: 1.0}
+        policy.on_push(0, hint["clock"], g(1), now=float(hint["clock"]), hint=hint)  # the barrier: opens alone
+        assert policy.released == 0 and policy.plan is None
+        c = hint["clock"]
+        _push_all(policy, [(0, c + 1, c + 1.0), (0, c + 2, c + 4.0)])  # the hiccup: 3 s
+    assert latest.plan["interval"] == {0: 3.0}                       # the paper's rule follows the hiccup
+    assert smoothed.plan["interval"] == {0: 2.0}                     # 0.5 * 3 + 0.5 * 1, carried across the barrier
+    smoothed.leave(0)
+    assert smoothed.interval == {}
+
+
 def test_elastic_worker_leaving_opens_the_barrier():
     leader = parse_policy("elastic:4")(2, 4)
     _push_all(leader, [(0, 0, 0.0), (0, 1, 1.0), (1, 0, 0.0), (1, 1, 1.0)])
@@ -213,7 +231,8 @@ def test_elastic_refuses_malformed_or_unknown_barrier_hints(hint):
 
 @pytest.mark.parametrize("spec, message", [
     ("ssp:x", "staleness must be an integer"), ("ssp:-1", "must be >= 0"),
-    ("dssp:1:2:3", "too many parameters; use dssp:STALENESS:EXTRA"), ("elastic:0", "must be >= 1")])
+    ("dssp:1:2:3", "too many parameters; use dssp:STALENESS:EXTRA"), ("elastic:0", "must be >= 1"),
+    ("elastic:4:0", "span must be >= 1"), ("elastic:4:2:1", "use elastic:LOOKAHEAD:SPAN")])
 def test_bad_parameters_are_named(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_policy(spec)
@@ -261,7 +280,7 @@ def test_a_worker_joining_ssp_resumes_after_its_last_clock():
     assert ssp.join(1) == 5 and 1 in ssp.active
 
 
-@pytest.mark.parametrize("spec", ["bsp", "asp", "ssp:2", "dssp:1:2", "elastic:4"])
+@pytest.mark.parametrize("spec", ["bsp", "asp", "ssp:2", "dssp:1:2", "elastic:4", "elastic:4:5"])
 def test_policy_state_survives_a_chain_state_transfer(spec):
     # Through the very bytes a STATE frame carries: every attribute of the policy must come
     # back equal, so an attribute a policy adds without declaring it in state_dict fails here.

@@ -83,7 +83,7 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML job file; flags override it"),
     workers: Optional[int] = typer.Option(None, help="number of worker processes"),
     servers: Optional[int] = typer.Option(None, help="number of server processes (shards)"),
-    sync: Optional[str] = typer.Option(None, help="synchronization policy: bsp | asp | ssp:S | dssp:S:R | elastic:R"),
+    sync: Optional[str] = typer.Option(None, help="synchronization policy: bsp | asp | ssp:S | dssp:S:R | elastic:R[:N] (N: span of the smoothed interval)"),
     dataset: Optional[str] = typer.Option(None, help="mnist1d | digits | synthetic | mnist | fashion-mnist | cifar10"),
     data_dir: Optional[Path] = typer.Option(None, help="folder holding local data files"),
     samples: Optional[int] = typer.Option(None, help="examples to generate (mnist1d, synthetic)"),

@@ -5,11 +5,12 @@
 ``asp``                   every push applied at once; nobody waits
 ``ssp:S``                 no worker more than S clocks ahead of the slowest
 ``dssp:S:R``              like ssp, the bound moving within [S, S+R] by speed
-``elastic:R``             ElasticBSP: barriers placed by ZipLine over R predicted pushes
+``elastic:R:N``           ElasticBSP: barriers placed by ZipLine over R predicted pushes,
+                          each worker's interval the latest (N = 1) or a mean of span N
 ========================  =====================================================
 
 Parameters may be left out for their defaults (``ssp`` = ``ssp:3``, ``dssp`` =
-``dssp:3:3``, ``elastic`` = ``elastic:15``). :func:`zipline` is usable on its own.
+``dssp:3:3``, ``elastic`` = ``elastic:15:1``). :func:`zipline` is usable on its own.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ _POLICIES: dict[str, tuple[type[SyncPolicy], tuple[str, ...], tuple[int, ...]]] 
     "asp": (ASP, (), ()),
     "ssp": (SSP, ("staleness",), (3,)),
     "dssp": (DSSP, ("staleness", "extra"), (3, 3)),
-    "elastic": (ElasticBSP, ("lookahead",), (15,)),
+    "elastic": (ElasticBSP, ("lookahead", "span"), (15, 1)),
 }
 
 
@@ -52,9 +53,9 @@ def parse_policy(spec: str) -> PolicyFactory:
             values[i] = int(raw)
         except ValueError:
             raise ValueError(f"sync policy {spec!r}: {names[i]} must be an integer, got {raw!r}") from None
-        if values[i] < (1 if names[i] == "lookahead" else 0):
-            raise ValueError(f"sync policy {spec!r}: {names[i]} must be "
-                             f"{'>= 1' if names[i] == 'lookahead' else '>= 0'}, got {values[i]}")
+        least = 1 if names[i] in ("lookahead", "span") else 0
+        if values[i] < least:
+            raise ValueError(f"sync policy {spec!r}: {names[i]} must be >= {least}, got {values[i]}")
     params = dict(zip(names, values))
     return lambda workers, shard_size, leader=True: cls(workers, shard_size, leader, **params)
 

@@ -1,4 +1,4 @@
-"""ElasticBSP, ``elastic:R`` (Zhao et al., arXiv 2001.01347), with ZipLine.
+"""ElasticBSP, ``elastic:R[:N]`` (Zhao et al., arXiv 2001.01347), with ZipLine.
 
 Between two barriers every worker runs as fast as it can: its pushes are applied as
 they arrive (learning rate scaled by 1/N, as under ASP) and its pulls never wait. The
@@ -7,8 +7,8 @@ other as little as possible:
 
 1. **Monitor.** After a barrier is released, wait until every active worker has pushed
    at least twice since, so each has one interval measured with no barrier inside it.
-2. **Predict.** Worker ``i`` last pushed clock ``c_i`` at ``t_i`` with latest interval
-   ``d_i``; its pushes of clocks ``c_i + k`` are predicted at ``t_i + k * d_i`` for
+2. **Predict.** Worker ``i`` last pushed clock ``c_i`` at ``t_i`` with interval ``d_i``;
+   its pushes of clocks ``c_i + k`` are predicted at ``t_i + k * d_i`` for
    ``k = 2 .. R + 1``: an ``n x R`` matrix. (``k = 1`` is left out: that push is already
    being computed, and the worker could not learn of a barrier there before pulling.)
 3. **Choose.** :func:`~stalwart.sync.zipline.zipline` picks one predicted push per
@@ -21,8 +21,15 @@ other as little as possible:
    barrier pull only once every worker's push up to its ``b_i`` has been applied, so
    every worker leaves the barrier with the same parameters.
 
+``d_i`` is the paper's rule by default (``N = 1``): the latest interval. With a span
+``N > 1`` it is an exponentially weighted mean of the intervals measured so far
+(weight ``2 / (N + 1)`` on the newest, as pandas' ``span``), carried across barriers: a
+prediction that one noisy step cannot throw off, for machines whose scheduling noise is
+of the order of a step, at the price of following a real change of speed more slowly.
+Intervals that hold a barrier wait are never measured, under either rule.
+
 Each barrier is logged with the predicted and the actual wait of every worker. A worker
-that changes speed changes its latest interval, so the next plan follows it.
+that changes speed changes its intervals, so the next plans follow it.
 """
 
 from __future__ import annotations
@@ -38,17 +45,21 @@ from .zipline import zipline
 class ElasticBSP(ApplyEveryPush):
     name = "elastic"
 
-    def __init__(self, workers: int, shard_size: int, leader: bool = True, lookahead: int = 15):
+    def __init__(self, workers: int, shard_size: int, leader: bool = True, lookahead: int = 15, span: int = 1):
         super().__init__(workers, shard_size, leader)
         if lookahead < 1:
             raise ValueError(f"elastic lookahead R must be >= 1, got {lookahead}")
-        self.lookahead = lookahead
+        if span < 1:
+            raise ValueError(f"elastic span N must be >= 1, got {span}")
+        self.lookahead, self.span = lookahead, span
+        self.weight = 2.0 / (span + 1)              # of the newest interval: 1.0 is the paper's rule
         self.released = -1                         # last barrier id opened on this shard
         self.arrivals: dict[int, dict[int, float]] = {}
         self.waiting: dict[int, int] = {}          # worker -> barrier id its current pull waits at
         self.barriers = 0
         # Leader only.
         self.recent: dict[int, list[tuple[int, float]]] = {}  # pushes since the last release
+        self.interval: dict[int, float] = {}       # worker -> its predicted interval (see the docstring)
         self.plan: dict | None = None
 
     # --- leader: monitor, predict, choose ---------------------------------------------
@@ -63,6 +74,10 @@ class ElasticBSP(ApplyEveryPush):
         pushes = self.recent.setdefault(worker, [])
         pushes.append((clock, now))
         del pushes[:-2]
+        if len(pushes) == 2:
+            latest = max(pushes[1][1] - pushes[0][1], 1e-6)
+            known = self.interval.get(worker, latest)
+            self.interval[worker] = self.weight * latest + (1 - self.weight) * known
         self._plan_if_monitored(now)
 
     def _plan_if_monitored(self, now: float) -> None:
@@ -74,7 +89,7 @@ class ElasticBSP(ApplyEveryPush):
         steps = np.arange(2, self.lookahead + 2, dtype=np.float64)
         last_clock = np.array([self.recent[w][-1][0] for w in workers])
         last_time = np.array([self.recent[w][-1][1] for w in workers])
-        interval = np.maximum(last_time - np.array([self.recent[w][-2][1] for w in workers]), 1e-6)
+        interval = np.array([self.interval[w] for w in workers])
         predicted = last_time[:, None] + steps[None, :] * interval[:, None]
         t0 = time.perf_counter()
         columns, spread = zipline(predicted)
@@ -122,6 +137,7 @@ class ElasticBSP(ApplyEveryPush):
     def leave(self, worker: int, now: float = 0.0) -> np.ndarray | None:
         super().leave(worker, now)
         self.recent.pop(worker, None)
+        self.interval.pop(worker, None)
         self._open_if_complete(now)
         if self.leader:
             self._plan_if_monitored(now)
@@ -159,7 +175,7 @@ class ElasticBSP(ApplyEveryPush):
         return {**super().state_dict(), "released": self.released, "arrivals": self.arrivals,
                 "waiting": dict(self.waiting), "barriers": self.barriers,
                 "recent": {w: [list(p) for p in pushes] for w, pushes in self.recent.items()},
-                "plan": self.plan}
+                "interval": dict(self.interval), "plan": self.plan}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -168,4 +184,5 @@ class ElasticBSP(ApplyEveryPush):
                          for b, arrived in state["arrivals"].items()}
         self.waiting = {int(w): int(b) for w, b in state["waiting"].items()}
         self.recent = {int(w): [(int(c), float(t)) for c, t in pushes] for w, pushes in state["recent"].items()}
+        self.interval = {int(w): float(d) for w, d in state.get("interval", {}).items()}
         self.plan = state["plan"]
