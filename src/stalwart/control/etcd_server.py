@@ -10,24 +10,19 @@ peers to wait for, and it lets etcd grant the short leases the leader key uses.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+from ..transport.base import free_port
+
 START_TIMEOUT_S = 20.0
 
 
 class EtcdUnavailable(RuntimeError):
     """No etcd binary here, or it would not start; the message says which."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalEtcd:
@@ -39,7 +34,7 @@ class LocalEtcd:
         self.endpoint = ""
 
     def start(self) -> "LocalEtcd":
-        client, peer = _free_port(), _free_port()
+        client, peer = free_port(), free_port()
         self.data = tempfile.TemporaryDirectory(prefix="stalwart-etcd-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
         self.log = open(Path(self.data.name) / "etcd.log", "wb")
         self.proc = subprocess.Popen(

@@ -103,3 +103,11 @@ def answers(address: str, timeout_s: float = 0.2) -> bool:
         return True
     except (OSError, ValueError):
         return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now, for a process that binds it itself later
+    (etcd, torch.distributed's rendezvous), where handing down a socket is not an option."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

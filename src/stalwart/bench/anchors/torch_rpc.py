@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import threading
 import time
 import warnings
 
 import torch
 import torch.distributed.rpc as rpc
+
+from ...transport.base import free_port
 
 LR = 1e-6
 
@@ -77,17 +78,11 @@ def _rank(rank: int, world: int, port: int, size: int, seconds: float, results) 
     rpc.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(params: int, workers: int, seconds: float) -> dict:
     """Push+pull throughput of ``workers`` trainers against one RPC parameter server."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     env = {"GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo"}
     os.environ.update(env)
     procs = [ctx.Process(target=_rank, args=(r, workers + 1, port, params, seconds, results))
