@@ -72,10 +72,13 @@ class FaultInjector:
                 continue
             down = r.down_s if r.down_s is not None else self.default_down_s
             self.down[key] = math.inf if down is None else elapsed_s + down
-            self.launcher.kill(*key, signal.SIGKILL)
-            killed.append(key)
+            # Logged before the signal: what the kill causes elsewhere (a worker's report,
+            # the coordinator removing a replica within a millisecond) must not be stamped
+            # earlier than the kill itself, or "seconds since the kill" cannot find it.
             self.log.emit("kill", member_role=key[0], member_index=key[1], at_s=elapsed_s, clock=clock,
                           rule=r.describe(), down_s=down)
+            self.launcher.kill(*key, signal.SIGKILL)
+            killed.append(key)
         return killed
 
     def expects_exit(self, role: str, index: int) -> bool:
