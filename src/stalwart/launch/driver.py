@@ -121,7 +121,7 @@ class Driver:
     def _members(self, role: str) -> list[dict]:
         return [m for m in (self._status() or {"members": []})["members"] if m["role"] == role]
 
-    def _control(self, op: str, t_start: float, timeout_s: float = STOP_TIMEOUT_S, **args) -> dict:
+    def _control(self, op: str, timeout_s: float = STOP_TIMEOUT_S, **args) -> dict:
         """An op that must get through: retried while the coordinator is down, with the
         roles watched and the fault schedule kept (which may be what restarts it)."""
         deadline = time.monotonic() + timeout_s
@@ -132,8 +132,7 @@ class Driver:
                 if time.monotonic() > deadline:
                     raise JobFailed(f"no coordinator answered {op!r} within {timeout_s:g}s") from None
                 self.check(self.launcher.wait(0.05))
-                if self.injector is not None:
-                    self.injector.tick(time.monotonic() - t_start, None)
+                self._inject(time.monotonic() - self.t_start)
 
     def _global_clock(self) -> int | None:
         """The slowest live worker's iteration count, from its heartbeats."""
@@ -211,7 +210,7 @@ class Driver:
 
     def _stop(self, reason: str, t_start: float) -> None:
         self.log.emit("stopping", reason=reason)
-        self._control("stop", t_start, reason=reason)
+        self._control("stop", reason=reason)
         workers = {("worker", w) for w in range(self.config.cluster.workers)}
         self.check(self.launcher.wait_for(workers, STOP_TIMEOUT_S))
         if workers & set(self.launcher.running()):
@@ -221,6 +220,6 @@ class Driver:
             self.tensorboard.close()
         self.client.close()
         self.shutting_down = True
-        self._control("shutdown", t_start, reason=reason)
+        self._control("shutdown", reason=reason)
         self.control.close()
         self.check(self.launcher.wait_for(set(self.launcher.running()), STOP_TIMEOUT_S))
