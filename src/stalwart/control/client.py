@@ -96,9 +96,13 @@ class CoordinatorClient:
                 wait = min(2 * wait, BACKOFF_S[1])
         if "error" in reply:
             raise CoordinatorError(f"coordinator refused {op!r}: {reply['error']}")
+        self._take(reply)
+        return reply
+
+    def _take(self, reply: dict) -> None:
+        """What every answer tells: the job's state and the highest epoch seen."""
         self.state = reply.get("state", self.state)
         self.epoch = max(self.epoch, int(reply.get("epoch", self.epoch)))
-        return reply
 
     def _exchange(self, op: str, args: dict, dial_s: float) -> dict:
         """One request on a live connection (made here if need be). Caller holds _lock."""
@@ -154,8 +158,7 @@ class CoordinatorClient:
                 self._drop()
                 raise CoordinatorError(f"coordinator refused this {self.role}'s rejoin: {reply['error']}")
             self.reconnects += 1
-            self.epoch = max(self.epoch, int(reply.get("epoch", self.epoch)))
-            self.state = reply.get("state", self.state)
+            self._take(reply)
             return
         raise ConnectionError("; ".join(errors) or "no address")
 

@@ -1,6 +1,6 @@
 """Transports: how frames move. Chosen by name from the configuration."""
 
-from .auth import AuthError, client_handshake, server_handshake
+from .auth import HANDSHAKE_TIMEOUT_S, AuthError, client_handshake, server_handshake
 from .base import Connection, ConnectionClosed, Listener, Transport, split_address
 from .frame import NO_WORKER, Flag, Frame, Kind, ProtocolError
 from .tcp import TcpTransport
@@ -29,16 +29,13 @@ def get_transport(name: str, options=None, shm: bool = True) -> Transport:
 
 
 def dial(address: str, token: bytes, transport: str = "tcp", timeout: float = 5.0,
-         max_payload: int = 0, handshake_timeout_s: float | None = None) -> Connection:
+         max_payload: int = 0, handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S) -> Connection:
     """Connect and authenticate: the one way every client opens a connection.
     ``timeout`` bounds the connect; ``handshake_timeout_s`` the challenge (5 s by default:
     a peer that accepted may be slow to answer, but a caller may not wait that long)."""
     conn = get_transport(transport).connect(address, timeout=timeout)
     try:
-        if handshake_timeout_s is None:
-            client_handshake(conn, token)
-        else:
-            client_handshake(conn, token, handshake_timeout_s)
+        client_handshake(conn, token, handshake_timeout_s)
     except BaseException:
         conn.close()
         raise
