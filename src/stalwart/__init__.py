@@ -18,6 +18,13 @@ _LAZY = {
     "JobFailed": ("stalwart.launch.driver", "JobFailed"),
     "ParameterServerOptimizer": ("stalwart.worker.optimizer", "ParameterServerOptimizer"),
     "ParameterClient": ("stalwart.worker.client", "ParameterClient"),
+    "JobStopping": ("stalwart.worker.client", "JobStopping"),
+    "NotInJob": ("stalwart.worker.session", "NotInJob"),
+    # the few calls of a script run by `stalwart run` (see stalwart.api)
+    "worker_index": ("stalwart.api", "worker_index"),
+    "num_workers": ("stalwart.api", "num_workers"),
+    "shard": ("stalwart.api", "shard"),
+    "log": ("stalwart.api", "log"),
 }
 
 

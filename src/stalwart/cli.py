@@ -97,6 +97,7 @@ def train(
     target_accuracy: Optional[float] = typer.Option(None, help="report the time to reach this test accuracy"),
     stop_at_target: Optional[bool] = typer.Option(None, help="stop once the target accuracy is reached"),
     seed: Optional[int] = typer.Option(None, help="seed of data, initial weights and shuffling"),
+    device: Optional[str] = typer.Option(None, help="where workers compute: cpu | cuda | auto"),
     recovery: Optional[str] = typer.Option(
         None, help="what survives a dead server: none | checkpoint | chain | stateless"),
     replicas: Optional[int] = typer.Option(None, help="chain: server processes per shard (>= 2)"),
@@ -136,33 +137,82 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no live progress display"),
 ) -> None:
     """Train a model on a parameter server; leaves a run directory with logs, summary and plots."""
+    options = dict(locals())
+    _run_job(_job_config(options.pop("config"), options))
+
+
+# Each option of `train` and `run`, and the config field it sets.
+OPTION_FIELDS = {
+    "workers": "cluster.workers", "servers": "cluster.servers", "host": "cluster.host",
+    "launcher": "cluster.launcher", "ray_address": "cluster.ray_address", "control": "control.store",
+    "standbys": "control.standbys", "transport": "cluster.transport", "shm": "cluster.shm",
+    "sync": "sync.policy", "dataset": "data.dataset", "data_dir": "data.data_dir", "samples": "data.samples",
+    "batch_size": "data.batch_size", "model": "model.name", "optimizer": "optimizer.name",
+    "lr": "optimizer.lr", "momentum": "optimizer.momentum", "duration": "train.duration_s",
+    "epochs": "train.epochs", "target_accuracy": "train.target_accuracy",
+    "stop_at_target": "train.stop_at_target", "seed": "train.seed", "device": "train.device",
+    "buffers": "train.buffers", "buffer_every": "train.buffer_every", "straggler": "faults.stragglers",
+    "kill": "faults.kills", "down": "faults.down_s", "recovery": "recovery.strategy",
+    "checkpoint_every": "recovery.every_updates", "replicas": "recovery.replicas", "chain_mode": "recovery.mode",
+    "flush_rule": "recovery.flush_rule", "backlog_max": "recovery.backlog_max", "ltp_fill": "ltp.fill",
+    "ltp_hadamard": "ltp.hadamard", "ltp_min_fraction": "ltp.min_fraction", "ltp_drop": "ltp.drop",
+    "out": "out", "name": "name", "tensorboard": "tensorboard", "quiet": "progress", "command": "command",
+}
+
+
+def _job_config(config: Path | None, options: dict):
+    """The job that a config file and the given options describe (a one-line error if none)."""
     from .config import ConfigError, JobConfig
 
-    overrides = {
-        "cluster.workers": workers, "cluster.servers": servers, "cluster.host": host,
-        "cluster.launcher": launcher, "cluster.ray_address": ray_address,
-        "control.store": control, "control.standbys": standbys,
-        "cluster.transport": transport, "cluster.shm": shm, "sync.policy": sync, "data.dataset": dataset,
-        "data.data_dir": str(data_dir) if data_dir else None, "data.samples": samples,
-        "data.batch_size": batch_size, "model.name": model, "optimizer.name": optimizer,
-        "optimizer.lr": lr, "optimizer.momentum": momentum, "train.duration_s": duration,
-        "train.epochs": epochs, "train.target_accuracy": target_accuracy,
-        "train.stop_at_target": stop_at_target, "train.seed": seed,
-        "faults.stragglers": straggler or None,
-        "faults.kills": kill or None, "faults.down_s": _seconds(down) if down else None,
-        "recovery.strategy": recovery, "recovery.every_updates": checkpoint_every,
-        "recovery.replicas": replicas, "recovery.mode": chain_mode,
-        "recovery.flush_rule": flush_rule, "recovery.backlog_max": backlog_max,
-        "ltp.fill": ltp_fill, "ltp.hadamard": ltp_hadamard, "ltp.min_fraction": ltp_min_fraction,
-        "ltp.drop": ltp_drop, "out": str(out) if out else None, "name": name,
-        "tensorboard": str(tensorboard) if tensorboard else None,
-        "progress": False if quiet else None,
-    }
+    convert = {"down": lambda v: _seconds(v), "quiet": lambda v: False if v else None,
+               "straggler": lambda v: v or None, "kill": lambda v: v or None, "command": lambda v: v or None}
+    overrides = {}
+    for option, value in options.items():
+        value = convert.get(option, lambda v: v)(value) if value is not None else None
+        overrides[OPTION_FIELDS[option]] = str(value) if isinstance(value, Path) else value
     try:
-        job_config = JobConfig.load(config, overrides)
+        return JobConfig.load(config, overrides)
     except ConfigError as exc:
         _fail(f"config error: {exc}")
-    _run_job(job_config)
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(
+    command: list[str] = typer.Argument(..., help="the worker command, after --: e.g. -- python train.py --epochs 3",
+                                        show_default=False),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML job file; flags override it"),
+    workers: Optional[int] = typer.Option(None, help="number of worker processes (each runs COMMAND)"),
+    servers: Optional[int] = typer.Option(None, help="number of server processes (shards)"),
+    sync: Optional[str] = typer.Option(None, help="synchronization policy: bsp | asp | ssp:S | dssp:S:R | elastic:R[:N]"),
+    optimizer: Optional[str] = typer.Option(None, help="server-side optimizer: sgd | adam"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (the servers apply it)"),
+    momentum: Optional[float] = typer.Option(None, help="SGD momentum"),
+    duration: Optional[float] = typer.Option(None, help="stop the job after this many seconds (default: when the workers end)"),
+    seed: Optional[int] = typer.Option(None, help="seed of each worker's share (stalwart.shard)"),
+    buffers: Optional[str] = typer.Option(None, help="model buffers (BatchNorm statistics): average | local"),
+    buffer_every: Optional[int] = typer.Option(None, help="steps between buffer averagings"),
+    recovery: Optional[str] = typer.Option(None, help="what survives a dead server: none | checkpoint | chain | stateless"),
+    replicas: Optional[int] = typer.Option(None, help="chain: server processes per shard (>= 2)"),
+    chain_mode: Optional[str] = typer.Option(None, help="chain: strong | relaxed"),
+    kill: Optional[list[str]] = typer.Option(None, "--kill", help="SIGKILL a role: worker:1@10s,down=2s | server:0@5s (repeatable)"),
+    down: Optional[str] = typer.Option(None, help="restart killed roles after this long, e.g. 2s"),
+    straggler: Optional[list[str]] = typer.Option(None, "--straggler", help="slow a worker: 1:2.0 | *:jitter=0.5 (repeatable)"),
+    transport: Optional[str] = typer.Option(None, help="transport of pushes: tcp | ltp"),
+    launcher: Optional[str] = typer.Option(None, help="where roles run: local | ray"),
+    ray_address: Optional[str] = typer.Option(None, help="ray: auto | HOST:PORT | local"),
+    control: Optional[str] = typer.Option(None, help="coordinator state: memory | etcd://HOST:PORT"),
+    host: Optional[str] = typer.Option(None, help="address servers bind to (default loopback)"),
+    out: Optional[Path] = typer.Option(None, help="parent folder of run directories"),
+    name: Optional[str] = typer.Option(None, help="run directory name"),
+    tensorboard: Optional[Path] = typer.Option(None, help="also write the workers' stalwart.log metrics here"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no live progress display"),
+) -> None:
+    """Run your own training script as the job's workers: `stalwart run -- python train.py`.
+
+    Starts the coordinator and the servers, then runs COMMAND once per worker with the job
+    in its environment; in the script, `stalwart.ParameterServerOptimizer(model)` joins it."""
+    options = dict(locals())
+    _run_job(_job_config(options.pop("config"), options))
 
 
 def _check_outputs(job_config) -> None:

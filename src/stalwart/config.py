@@ -120,6 +120,7 @@ class SyncConfig(_Section):
 
 
 class TrainConfig(_Section):
+    # None with no epochs either: 30 s for built-in workers; a script runs until it ends.
     duration_s: float | None = Field(None, gt=0)
     epochs: float | None = Field(None, gt=0)
     target_accuracy: float | None = Field(0.9, gt=0, le=1)
@@ -127,11 +128,15 @@ class TrainConfig(_Section):
     eval_interval_s: float = Field(1.0, gt=0)
     seed: int = 0
     log_every: int = Field(10, ge=1, description="worker iterations between loss events")
+    # Where a built-in worker computes: cpu, cuda, or auto (cuda where there is one).
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    # Buffers (BatchNorm's running statistics): averaged across the workers by shard 0's
+    # server every buffer_every steps, or kept local to each worker.
+    buffers: Literal["average", "local"] = "average"
+    buffer_every: int = Field(20, ge=1, le=1_000_000, description="steps between buffer averagings")
 
     @model_validator(mode="after")
     def _has_a_stopping_rule(self) -> "TrainConfig":
-        if self.duration_s is None and self.epochs is None:
-            self.duration_s = 30.0
         if self.stop_at_target and self.target_accuracy is None:
             raise ValueError("stop_at_target needs target_accuracy")
         return self
@@ -230,6 +235,9 @@ class ControlConfig(_Section):
 
 
 class JobConfig(_Section):
+    # The worker command of `stalwart run` (a user's script, run once per worker); empty:
+    # the built-in workers train model on data.
+    command: list[str] = []
     cluster: ClusterConfig = ClusterConfig()
     control: ControlConfig = ControlConfig()
     data: DataConfig = DataConfig()
@@ -283,6 +291,14 @@ class JobConfig(_Section):
                 node = node.setdefault(part, {})
             node[leaf] = value
         return cls.validate_dict(data)
+
+    @model_validator(mode="after")
+    def _has_a_stopping_rule(self) -> "JobConfig":
+        if not self.command and self.train.duration_s is None and self.train.epochs is None:
+            self.train.duration_s = 30.0
+        if self.command and self.train.stop_at_target:
+            raise ValueError("stop_at_target needs the built-in evaluator; a script decides when it stops")
+        return self
 
     @model_validator(mode="after")
     def _faults_name_real_roles(self) -> "JobConfig":

@@ -39,7 +39,8 @@ class ParameterLayout:
 
     @classmethod
     def from_module(cls, module) -> "ParameterLayout":
-        return cls((name, tuple(p.shape)) for name, p in module.named_parameters())
+        # Frozen parameters (requires_grad False) are not trained, so not laid out.
+        return cls((name, tuple(p.shape)) for name, p in module.named_parameters() if p.requires_grad)
 
     def shard_bounds(self, shards: int) -> list[int]:
         """``shards + 1`` offsets; shard ``s`` owns ``[bounds[s], bounds[s+1])``."""

@@ -16,6 +16,8 @@ from .config import JobConfig
 TOKEN_ENV = "STALWART_TOKEN"
 LISTEN_FD_ENV = "STALWART_LISTEN_FD"
 HOST_ENV = "STALWART_HOST"  # the address a placed role binds to (see RoleSpec.placement)
+SPEC_ENV = "STALWART_SPEC"      # a script's worker process: the path of its job's spec
+WORKER_ENV = "STALWART_WORKER"  # ...and its worker index
 
 
 @dataclass
@@ -30,6 +32,7 @@ class RoleSpec:
     # a role not named here runs where the launcher does, on cluster.host.
     placement: dict = field(default_factory=dict)
     job_id: str = ""          # names this job's keys in a shared control store (etcd)
+    workdir: str = ""         # where a worker command runs (the folder `stalwart run` ran in)
 
     @property
     def job(self) -> JobConfig:

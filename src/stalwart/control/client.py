@@ -63,6 +63,7 @@ class CoordinatorClient:
         self.tails: list[str] = []
         #: what a role adds to its rejoin (a chain replica: its chain as last read)
         self.rejoin_extra: Callable[[], dict] | None = None
+        self.known_layout: dict | None = None  # the job's parameter layout, once read
         self._registered: dict | None = None   # the register() arguments, for rejoins
         self.reconnects = 0
         self._beat: threading.Thread | None = None
@@ -170,6 +171,7 @@ class CoordinatorClient:
     def rejoin_view(self) -> dict:
         """What this member tells a coordinator that may have forgotten it."""
         return {**(self._registered or {}), "seen_epoch": self.epoch, "job_state": self.state,
+                **({"layout": self.known_layout} if self.known_layout is not None else {}),
                 **(self.rejoin_extra() if self.rejoin_extra is not None else {})}
 
     # --- the ops roles use ----------------------------------------------------------
@@ -191,6 +193,22 @@ class CoordinatorClient:
             if reply["state"] != "running" or time.monotonic() >= deadline:
                 raise CoordinatorError(f"no complete shard map within {timeout_s}s "
                                        f"(job state {reply['state']})")
+
+    def layout(self, total: int | None = None, timeout_s: float = 60.0) -> list[int]:
+        """The job's shard bounds: proposed from this worker's model (``total``, its
+        parameter count; refused if the job holds another model), or waited for (a
+        server). Once known, the layout travels in this member's rejoins."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            reply = self.call("layout", patience_s=left, total=total, wait_s=min(5.0, left),
+                              worker=self.index if total is not None else None)
+            if reply["ready"]:
+                self.known_layout = {k: reply[k] for k in ("total", "bounds", "source")}
+                return list(reply["bounds"])
+            if reply["state"] != "running" or time.monotonic() >= deadline:
+                raise CoordinatorError(f"no parameter layout within {timeout_s:g}s: no worker has brought "
+                                       f"its model yet (job state {reply['state']})")
 
     def relocate(self, failed: list[str], timeout_s: float = 1.0) -> tuple[list[str], list[str]]:
         """Report servers whose connections broke, then read where each shard is now.

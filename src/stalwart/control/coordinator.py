@@ -29,6 +29,16 @@ with the highest epoch wins, until this coordinator changes that chain itself; a
 member named in an adopted chain but not yet rejoined is given a fresh lease, so a
 server that died during the outage is removed a lease later (or at once, when someone
 suspects it), the usual way.
+
+**The parameter layout.** The servers must know how long each shard is before they
+can hold it. A built-in job fixes it before any process starts (the coordinator is
+given the shard bounds); a user's script brings its own model, so the first worker
+that reaches ``layout`` with its parameter count fixes it for the job: the bounds are
+cut from that count (:meth:`~stalwart.layout.ParameterLayout.shard_bounds`), servers
+waiting in ``layout`` learn their shard's length, and a later worker whose model has
+another count is refused with both counts named. The layout is part of the saved
+state, and every member that knows it brings it in its ``rejoin``, so a coordinator
+restarted in memory knows it again with the first rejoin.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..layout import ParameterLayout
 from ..metrics import EventLog
 from ..transport import Frame, Kind, ProtocolError
 from ..transport.base import Listener, answers
@@ -73,7 +84,7 @@ class Coordinator(FrameService):
 
     def __init__(self, listener: Listener, token: bytes, log: EventLog, *, servers: int,
                  workers: int, lease_s: float, replicas: int = 1, pulls_at_tail: bool = True,
-                 store: ControlStore | None = None):
+                 store: ControlStore | None = None, bounds: list[int] | None = None):
         super().__init__(listener, token, log)
         # ``servers`` counts shards; there are ``servers * replicas`` server processes.
         self.servers, self.workers, self.lease_s, self.replicas = servers, workers, lease_s, replicas
@@ -94,6 +105,9 @@ class Coordinator(FrameService):
         self._shutdown = threading.Event()
         self.deposed = False
         self._closed_job = False  # took over a job that had already shut down
+        # {"total", "bounds", "source"}: fixed before the start (built-in models) or by the
+        # first worker that proposes one (a user's script); None until then.
+        self.layout: dict | None = {"total": bounds[-1], "bounds": list(bounds), "source": "job"} if bounds else None
 
     # --- wire --------------------------------------------------------------------
     def handle(self, session: Session, frame: Frame) -> None:
@@ -163,7 +177,7 @@ class Coordinator(FrameService):
 
     def op_rejoin(self, role: str, index: int, address: str | None = None, pid: int | None = None,
                   seen_epoch: int = 0, job_state: str = "running", chain: list | None = None,
-                  formed: bool = False) -> dict:
+                  formed: bool = False, layout: dict | None = None) -> dict:
         """A live member that lost its connection (this coordinator may be new): take
         what it knows as soft state (see the module's docstring)."""
         if (why := self._refusal(role, index)) is not None:
@@ -186,6 +200,8 @@ class Coordinator(FrameService):
                 self.state, changed = job_state, True
             if role == "server":
                 changed |= self._adopt_chain(index, seen_epoch, chain, bool(formed), now)
+            if layout is not None and self.layout is None:
+                self.layout, changed = self._checked_layout(layout), True
             if changed:
                 self._changed()
             self._cond.notify_all()
@@ -217,6 +233,43 @@ class Coordinator(FrameService):
             self.formed.add(shard)
         self._adopted[shard] = seen_epoch
         return True
+
+    def _checked_layout(self, layout: dict) -> dict:
+        """A layout a member brought back, as this job would have cut it."""
+        total, bounds = int(layout["total"]), [int(b) for b in layout["bounds"]]
+        if len(bounds) != self.servers + 1 or bounds[0] != 0 or bounds[-1] != total or bounds != sorted(bounds):
+            raise ValueError(f"layout bounds {bounds} do not cut {total} parameters into {self.servers} shards")
+        return {"total": total, "bounds": bounds, "source": str(layout.get("source", "rejoin"))}
+
+    def op_layout(self, total: int | None = None, worker: int | None = None, wait_s: float = 0.0) -> dict:
+        """The job's parameter layout. A worker proposes its model's parameter count
+        (``total``): the first proposal fixes the layout, a different count later is
+        refused. Without ``total`` (a server) it waits up to ``wait_s`` for one."""
+        if total is not None:
+            if type(total) is not int or total < 1:
+                return {"error": f"a layout needs a positive parameter count, got {total!r}"}
+            with self._cond:
+                if self.layout is None:
+                    try:
+                        bounds = ParameterLayout([("model", (total,))]).shard_bounds(self.servers)
+                    except ValueError as exc:
+                        return {"error": str(exc)}
+                    self.layout = {"total": total, "bounds": bounds, "source": f"worker {worker}"}
+                    self._changed()
+                    self._cond.notify_all()
+                    self.log.emit("layout", total=total, bounds=bounds, source=self.layout["source"])
+                elif self.layout["total"] != total:
+                    return {"error": f"this worker's model has {total} parameters; the job's servers hold "
+                                     f"{self.layout['total']} (the model of {self.layout['source']}): every "
+                                     f"worker must train the same model"}
+                return {"ready": True, "state": self.state, "epoch": self.epoch, **self.layout}
+        deadline = time.monotonic() + min(float(wait_s), 60.0)
+        with self._cond:
+            while self.layout is None and self.state == "running" and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            if self.layout is None:
+                return {"ready": False, "state": self.state, "epoch": self.epoch}
+            return {"ready": True, "state": self.state, "epoch": self.epoch, **self.layout}
 
     def op_heartbeat(self, role: str, index: int, stats: dict | None = None) -> dict:
         with self._cond:
@@ -330,7 +383,8 @@ class Coordinator(FrameService):
         with self._cond:
             return {"epoch": self.epoch, "state": self.state, "stop_reason": self.stop_reason,
                     "members": [[m.role, m.index, m.address, m.pid, m.alive] for m in self.members.values()],
-                    "chains": {str(s): list(c) for s, c in self.chains.items()}, "formed": sorted(self.formed)}
+                    "chains": {str(s): list(c) for s, c in self.chains.items()}, "formed": sorted(self.formed),
+                    "layout": self.layout}
 
     def restore(self, saved: dict) -> None:
         """Take a predecessor's snapshot; every member gets a fresh lease to prove it lives."""
@@ -339,6 +393,7 @@ class Coordinator(FrameService):
             self.members = {(r, i): Member(r, i, a, p, now, alive) for r, i, a, p, alive in saved["members"]}
             self.chains = {int(s): list(c) for s, c in saved["chains"].items()}
             self.formed = set(saved["formed"])
+            self.layout = saved.get("layout") or self.layout
             self.state, self.stop_reason = saved["state"], saved["stop_reason"]
             self._edited = set(self.chains)  # the saved chains are current: no rejoin overrides them
 

@@ -26,7 +26,8 @@ def run_coordinator(spec, index: int = 0) -> int:
                               workers=job.cluster.workers, lease_s=job.cluster.lease_s,
                               replicas=job.recovery.replicas_per_shard,
                               pulls_at_tail=job.recovery.mode == ChainMode.STRONG,
-                              store=store_from_config(job.control.store, spec.job_id, index))
+                              store=store_from_config(job.control.store, spec.job_id, index),
+                              bounds=spec.bounds or None)
     code = coordinator.run(tick_s=job.cluster.heartbeat_s)
     log.close()
     return code

@@ -13,6 +13,10 @@ from ..spec import RoleSpec
 RoleKey = tuple[str, int]  # ("server", 0)
 
 
+class LaunchError(RuntimeError):
+    """A role's process could not be started at all (e.g. a worker command that does not exist)."""
+
+
 @dataclass
 class Exit:
     role: str
@@ -84,6 +88,10 @@ class Launcher(ABC):
         exits += self.wait_for(set(self.running()), 5.0)
         self.release()
         return exits
+
+    def output_tail(self, role: str, index: int, lines: int = 12) -> str | None:
+        """The last lines a role wrote to stderr, where the launcher can read them."""
+        return None
 
     def describe(self) -> dict:
         """Which launcher, and where it put the roles (for the run's event log)."""

@@ -6,6 +6,7 @@ the tests, so that each of them runs the very processes a real job runs.
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -62,7 +63,8 @@ class Cluster:
             addresses = ",".join(launcher.bind_coordinator(config.cluster.host, c) for c in coordinators)
             spec = RoleSpec(config=config.model_dump(mode="json"), run_dir=str(Path(run_dir).resolve()),
                             coordinator=addresses, bounds=list(bounds), input_shape=list(input_shape),
-                            num_classes=num_classes, placement=placement or {}, job_id=secrets.token_hex(8))
+                            num_classes=num_classes, placement=placement or {}, job_id=secrets.token_hex(8),
+                            workdir=os.getcwd())
             spec_path = Path(run_dir) / "spec.json"
             spec.save(spec_path)
             launcher.use_spec(spec, spec_path)
@@ -76,8 +78,9 @@ class Cluster:
         return cls(launcher, spec, token)
 
     def connect(self, role: str, check: Callable[[list[Exit]], None] | None = None,
-                timeout_s: float = 120.0) -> tuple[CoordinatorClient, list[str]]:
-        """Register with the coordinator as ``role`` and wait for the complete shard map,
+                timeout_s: float = 120.0, shard_map: bool = True) -> tuple[CoordinatorClient, list[str] | None]:
+        """Register with the coordinator as ``role`` and wait for the complete shard map
+        (unless ``shard_map`` is false: a script's servers wait for its first worker),
         failing fast if a role process dies meanwhile."""
         check = check or self.fail_on_exit
         deadline = time.monotonic() + timeout_s
@@ -91,6 +94,8 @@ class Cluster:
             except CoordinatorUnavailable:
                 if time.monotonic() > deadline:
                     raise ClusterError(f"the coordinator did not answer within {timeout_s}s") from None
+        if not shard_map:
+            return control, None
         while True:
             check(self.launcher.wait(0.0))
             reply = control.call("shard_map", wait_s=0.5)

@@ -7,6 +7,11 @@ finished worker, or the end of the job), :meth:`Driver._inject` (the fault sched
 :class:`~stalwart.launch.watch.ClusterWatch` feeds, and TensorBoard) and :meth:`Driver._stop` (workers first, so that they leave their
 barriers, then a final evaluation, then the servers and the coordinator).
 
+A job whose workers are a user's command (``stalwart run``) has no model here to
+evaluate: the driver then supervises and injects faults without evaluating, the job
+ends when every worker's command has exited 0 (or at ``train.duration_s``, if given),
+and a command that fails ends it with its exit status and the last lines of its stderr.
+
 The coordinator is one more role the driver supervises, not one it depends on: while it
 is down (killed, or restarting) the driver keeps evaluating and injecting, shows the
 last membership it read, and restarts a coordinator that died without being killed on
@@ -17,7 +22,9 @@ those that must succeed (stopping the job) while it keeps watching the roles.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Callable
 
 from ..config import JobConfig
@@ -58,23 +65,28 @@ class Driver:
         self.t_start: float | None = None  # when training started (the clock of kills and restarts)
         self.last_status: dict = {"members": [], "chains": []}  # for the display while it is down
         self.injector: FaultInjector | None = None
+        self.script = bool(config.command)
         try:
-            self.control, shards = cluster.connect("driver", self.check)
+            self.control, shards = cluster.connect("driver", self.check, shard_map=not self.script)
         except ClusterError as exc:
             raise JobFailed(str(exc)) from None
         self.injector = FaultInjector([parse_kill(k) for k in config.faults.kills], self.launcher, log,
                                       config.faults.down_s, locate=self._locate)
-        # The driver must never block long on a dead server: it is the one that restarts it.
-        failover = NoFailover if config.recovery.strategy == "none" else Reconnect
-        self.client = ParameterClient(shards, cluster.spec.bounds, cluster.token, transport=config.cluster.transport,
-                                      tails=self.control.tails,
-                                      failover=failover(lambda failed, wait_s: self.control.relocate(failed, timeout_s=min(wait_s, 0.5)),
-                                                        0.25))
-        # torch, which the driver alone needs: every role process imports this package
-        # (its entry point lives here), and servers must start without it.
-        from ..worker.evaluator import Evaluator
-        self.evaluator = Evaluator(model, ds.x_test, ds.y_test, self.client)
-        self.tensorboard = TensorBoardSink(config.tensorboard) if config.tensorboard is not None else None
+        self.client, self.evaluator = None, None
+        if not self.script:
+            # The driver must never block long on a dead server: it is the one that restarts it.
+            failover = NoFailover if config.recovery.strategy == "none" else Reconnect
+            self.client = ParameterClient(shards, cluster.spec.bounds, cluster.token, transport=config.cluster.transport,
+                                          tails=self.control.tails,
+                                          failover=failover(lambda failed, wait_s: self.control.relocate(failed, timeout_s=min(wait_s, 0.5)),
+                                                            0.25))
+            # torch, which the driver alone needs: every role process imports this package
+            # (its entry point lives here), and servers must start without it.
+            from ..worker.evaluator import Evaluator
+            self.evaluator = Evaluator(model, ds.x_test, ds.y_test, self.client)
+        # A script's workers write their own metrics there (stalwart.log).
+        self.tensorboard = TensorBoardSink(config.tensorboard) \
+            if config.tensorboard is not None and not self.script else None
         self.watch = ClusterWatch(config, progress, self.injector, self.finished)
         log.listeners.append(self.watch.on_event)
 
@@ -98,7 +110,16 @@ class Driver:
                 self.log.emit("restart", member_role="coordinator", member_index=e.index, pid=pid, at_s=at_s,
                               unplanned=e.describe())
             elif e.returncode != 0 or not self.shutting_down:
-                raise JobFailed(f"{e.describe()}; stopping the job (see {self.logs_dir}/{e.role}-{e.index}.log)")
+                raise JobFailed(self._failure(e))
+
+    def _failure(self, e: Exit) -> str:
+        """Why the job stops for role exit ``e``: which role, how, and (a worker's
+        command) the last lines of its stderr."""
+        where = f"{self.logs_dir}/{e.role}-{e.index}.{'err' if self.script and e.role == 'worker' else 'log'}"
+        message = f"{e.describe()}; stopping the job (see {where})"
+        if self.script and e.role == "worker" and (tail := self.launcher.output_tail(e.role, e.index)):
+            message += "; its stderr ended with:\n" + "\n".join(f"    {line}" for line in tail.splitlines())
+        return message
 
     def _locate(self, position: str, shard: int) -> int | None:
         """The server process at ``position`` of ``shard``'s chain right now."""
@@ -148,8 +169,12 @@ class Driver:
         processes = c.cluster.servers * c.recovery.replicas_per_shard
         while sum(bool((m["stats"] or {}).get("initialized")) for m in self._members("server")) < processes:
             self.check(self.launcher.wait(0.05))
+            if len(self.finished) == c.cluster.workers:  # scripts that never trained
+                break
         t_start = self.t_start = time.monotonic()
         self.log.emit("train_start")
+        if self.script:
+            self._record_layout()
         reason, next_eval = None, t_start
         while reason is None:
             now = time.monotonic()
@@ -168,6 +193,13 @@ class Driver:
         self._stop(reason, t_start)
         return "completed"
 
+    def _record_layout(self) -> None:
+        """A script's layout, as its first worker fixed it, beside the run's other records."""
+        layout = self._control("layout")
+        if layout["ready"]:  # else no worker brought a model: there is nothing to record
+            (Path(self.logs_dir).parent / "layout.json").write_text(json.dumps(
+                {k: layout[k] for k in ("total", "bounds", "source")}, indent=1))
+
     def _inject(self, elapsed_s: float) -> None:
         if not self.injector.rules:
             return
@@ -180,6 +212,12 @@ class Driver:
     def _evaluate(self, t_start: float, final: bool = False) -> str | None:
         """One test pass of the servers' model; returns why the job should stop, if it should."""
         t = self.config.train
+        if self.evaluator is None:  # a script evaluates itself (stalwart.log)
+            elapsed = time.monotonic() - t_start
+            if not final:
+                self.progress.show(elapsed, self.watch.view(self._status() or self.last_status, elapsed))
+            return f"duration of {t.duration_s:g}s reached" \
+                if not final and t.duration_s is not None and elapsed >= t.duration_s else None
         try:
             result = self.evaluator.evaluate()
         except (ConnectionError, OSError, ServerError) as exc:
@@ -218,7 +256,8 @@ class Driver:
         self._evaluate(t_start, final=True)
         if self.tensorboard is not None:
             self.tensorboard.close()
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
         self.shutting_down = True
         self._control("shutdown", reason=reason)
         self.control.close()

@@ -23,6 +23,7 @@ from ..metrics import EventLog
 from ..metrics.progress import Progress
 from ..metrics.summary import write_summary
 from ..models import build_model
+from .base import LaunchError
 from .driver import Driver, JobFailed, log_exit
 from .cluster import Cluster, ClusterError
 
@@ -91,29 +92,37 @@ class Job:
         self.run_dir = run_dir = self._make_run_dir()
         log = EventLog.for_role(run_dir, "driver", 0)
         log.emit("job_start", config=c.model_dump(mode="json"))
-        # Data and model once here: fills the data cache and fixes the layout that
-        # every role shares, and fails early (before any process) on a bad setting.
-        ds = load_dataset(c.data.dataset, seed=c.train.seed, samples=c.data.samples,
-                          features=c.data.features, data_dir=c.data.data_dir)
-        model = build_model(c.model.name, ds.input_shape, ds.num_classes, seed=c.train.seed,
-                            hidden=c.model.hidden)
-        layout = ParameterLayout.from_module(model)
-        bounds = layout.shard_bounds(c.cluster.servers)
-        (run_dir / "layout.json").write_text(json.dumps(
-            {"total": layout.total, "bounds": bounds, "entries": layout.to_json()}, indent=1))
+        ds = model = None
+        bounds: list[int] = []  # a script's: fixed by its first worker (see the coordinator)
+        if not c.command:
+            # Data and model once here: fills the data cache and fixes the layout that
+            # every role shares, and fails early (before any process) on a bad setting.
+            ds = load_dataset(c.data.dataset, seed=c.train.seed, samples=c.data.samples,
+                              features=c.data.features, data_dir=c.data.data_dir)
+            model = build_model(c.model.name, ds.input_shape, ds.num_classes, seed=c.train.seed,
+                                hidden=c.model.hidden)
+            layout = ParameterLayout.from_module(model)
+            bounds = layout.shard_bounds(c.cluster.servers)
+            (run_dir / "layout.json").write_text(json.dumps(
+                {"total": layout.total, "bounds": bounds, "entries": layout.to_json()}, indent=1))
 
         progress = Progress(enabled=c.progress, target=c.train.target_accuracy)
         status, error, launcher = "completed", None, None
         try:
             try:
-                cluster = Cluster.start(c, run_dir, bounds, ds.input_shape, ds.num_classes, self.placement)
+                cluster = Cluster.start(c, run_dir, bounds, ds.input_shape if ds else (1,),
+                                        ds.num_classes if ds else 0, self.placement)
             except ClusterError as exc:
                 raise JobFailed(f"the cluster did not start: {exc}") from None
             launcher = cluster.launcher
-            for w in range(c.cluster.workers):
-                launcher.start("worker", w)
+            try:
+                for w in range(c.cluster.workers):
+                    launcher.start("worker", w)
+            except LaunchError as exc:
+                raise JobFailed(str(exc)) from None
             log.emit("launched", servers=c.cluster.servers, workers=c.cluster.workers,
-                     parameters=layout.total, bounds=bounds, **launcher.describe())
+                     parameters=bounds[-1] if bounds else None, bounds=bounds, command=c.command,
+                     **launcher.describe())
             with progress:
                 status = Driver(c, cluster, model, ds, log, progress, self.interrupt.check,
                                 f"{run_dir}/logs").run()

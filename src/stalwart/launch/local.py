@@ -5,6 +5,12 @@ Ctrl-C reaches only the launcher, which then stops the job in order) with
 ``PR_SET_PDEATHSIG`` set, so that no role outlives a launcher that is itself killed.
 Exits are watched through pidfds: the launcher sleeps in ``poll`` until a process
 really ends, rather than polling on a timer.
+
+A job with a worker command (``stalwart run -- COMMAND``) runs that command as each
+worker's process instead, with the spec's path and the worker's index in its
+environment (``STALWART_SPEC``, ``STALWART_WORKER``, beside the token), its stdout in
+``logs/worker-N.log`` and its stderr apart in ``logs/worker-N.err``, whose last lines
+name what went wrong when the command fails (:meth:`LocalLauncher.output_tail`).
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .base import Exit, Launcher, RoleKey
+from .base import Exit, LaunchError, Launcher, RoleKey
 from ..control.store import INCARNATION_ENV
-from ..spec import HOST_ENV, LISTEN_FD_ENV, RoleSpec
+from ..spec import HOST_ENV, LISTEN_FD_ENV, SPEC_ENV, WORKER_ENV, RoleSpec
 
 _PR_SET_PDEATHSIG = 1
 
@@ -36,6 +42,8 @@ class LocalLauncher(Launcher):
     def __init__(self, run_dir: Path, env: dict[str, str], placement: dict[str, dict] | None = None):
         self.run_dir = run_dir
         self.spec_path: Path | None = None
+        self.command: list[str] = []  # the workers' command, when a script is the worker
+        self.workdir: str | None = None  # ...and the folder it runs in
         self.env = {**os.environ, **env}
         self.placement = placement or {}
         self.procs: dict[RoleKey, subprocess.Popen] = {}
@@ -60,6 +68,20 @@ class LocalLauncher(Launcher):
 
     def use_spec(self, spec: RoleSpec, path: Path) -> None:
         self.spec_path = path
+        self.command = list(spec.config.get("command") or [])
+        self.workdir = spec.workdir or None
+
+    def output_tail(self, role: str, index: int, lines: int = 12) -> str | None:
+        """The last lines a role wrote to its stderr (a command worker's own file; the
+        log, which holds both streams, for the others)."""
+        for name in (f"{role}-{index}.err", f"{role}-{index}.log"):
+            path = self.run_dir / "logs" / name
+            if path.is_file():
+                with open(path, "rb") as f:
+                    f.seek(max(0, path.stat().st_size - 8192))
+                    text = f.read().decode("utf-8", errors="replace")
+                return "\n".join(text.rstrip().splitlines()[-lines:])
+        return None
 
     def start(self, role: str, index: int) -> int:
         if self.spec_path is None:
@@ -68,6 +90,12 @@ class LocalLauncher(Launcher):
         argv = [sys.executable, "-m", "stalwart.launch.role", role, str(index), str(self.spec_path)]
         self.starts[(role, index)] = self.starts.get((role, index), 0) + 1
         env, pass_fds = {**self.env, INCARNATION_ENV: str(self.starts[(role, index)])}, ()
+        errors, cwd = subprocess.STDOUT, None
+        if role == "worker" and self.command:
+            cwd = self.workdir
+            argv = list(self.command)
+            env = {**env, SPEC_ENV: str(self.spec_path), WORKER_ENV: str(index)}
+            errors = open(self.run_dir / "logs" / f"{role}-{index}.err", "ab")
         if role == "coordinator":
             if index not in self._coordinator_sockets and index in self._coordinator_addresses:
                 self._bind(index, self._coordinator_addresses[index])
@@ -79,10 +107,16 @@ class LocalLauncher(Launcher):
             # pid, the pidfd and the death signal are the role's own.
             argv = ["ip", "netns", "exec", place["netns"], *argv]
             env = {**env, HOST_ENV: place["host"]}
-        proc = subprocess.Popen(
-            argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            pass_fds=pass_fds, start_new_session=True, preexec_fn=_die_with_parent)
-        out.close()
+        try:
+            proc = subprocess.Popen(
+                argv, env=env, stdout=out, stderr=errors, stdin=subprocess.DEVNULL, cwd=cwd,
+                pass_fds=pass_fds, start_new_session=True, preexec_fn=_die_with_parent)
+        except OSError as exc:  # a command that does not exist, or cannot be run
+            raise LaunchError(f"cannot start {role} {index} as {' '.join(argv)!r}: {exc.strerror or exc}") from None
+        finally:
+            out.close()
+            if errors is not subprocess.STDOUT:
+                errors.close()
         if pass_fds:
             # The coordinator holds it now; with ours closed, a dead coordinator's port
             # refuses connections at once instead of queueing them unanswered.

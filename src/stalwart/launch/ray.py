@@ -105,11 +105,14 @@ class RoleHost:
         """This role's events and log, to bring back to a driver on another node."""
         role, index = self.key
         out = {}
-        for rel in (f"events/{role}-{index}.jsonl", f"logs/{role}-{index}.log"):
+        for rel in (f"events/{role}-{index}.jsonl", f"logs/{role}-{index}.log", f"logs/{role}-{index}.err"):
             path = self.run_dir / rel
             if path.exists():
                 out[rel] = path.read_bytes()
         return out
+
+    def output_tail(self, lines: int) -> str | None:
+        return self.local.output_tail(*self.key, lines=lines) if self.key is not None else None
 
     def release(self) -> None:
         self.local.release()
@@ -233,6 +236,15 @@ class RayLauncher(Launcher):
                 self._call(self.hosts[(role, index)].kill, sig, what=f"signalling {role} {index}")
             except self.ray.exceptions.RayActorError:
                 pass  # gone already; wait() reports it
+
+    def output_tail(self, role: str, index: int, lines: int = 12) -> str | None:
+        host = self.hosts.get((role, index))
+        if host is None:
+            return None
+        try:
+            return self._call(host.output_tail, lines, what=f"reading {role} {index}'s output")
+        except (self.ray.exceptions.RayError, RayLaunchError):
+            return None  # its actor is gone with its node: the run directory has what came back
 
     def release(self) -> None:
         ray = self.ray

@@ -19,14 +19,39 @@ from .events import read_events
 
 
 def _curve(events: list[dict]) -> list[dict]:
-    return [{"elapsed_s": e["elapsed_s"], "accuracy": e["accuracy"], "loss": e["loss"],
-             "version": e["version"]} for e in events if e["event"] == "eval"]
+    """The test accuracy over time: the driver's evaluations of the servers' model, or,
+    for a user's script (which evaluates itself), the accuracy its worker 0 logged with
+    ``stalwart.log`` on the driver's clock."""
+    curve = [{"elapsed_s": e["elapsed_s"], "accuracy": e["accuracy"], "loss": e["loss"],
+              "version": e["version"]} for e in events if e["event"] == "eval"]
+    start = _train_start(events)
+    if curve or start is None:
+        return curve
+    return [{"elapsed_s": e["t"] - start, "accuracy": e["accuracy"], "loss": e.get("loss"), "version": e.get("clock")}
+            for e in _script_metrics(events) if "accuracy" in e]
+
+
+def _train_start(events: list[dict]) -> float | None:
+    return next((e["t"] for e in events if e["event"] == "train_start"), None)
+
+
+def _script_metrics(events: list[dict]) -> list[dict]:
+    """What worker 0 of a script logged (``stalwart.log``), in order."""
+    return [e for e in events if e["event"] == "metrics" and e.get("role") == "worker" and e.get("index") == 0]
+
+
+def _last_metrics(events: list[dict]) -> dict[str, float]:
+    """The last value of each scalar worker 0 of a script logged."""
+    last: dict[str, float] = {}
+    for e in _script_metrics(events):
+        last.update({k: v for k, v in e.items() if k not in ("t", "role", "index", "event")})
+    return last
 
 
 def _local_curve(events: list[dict]) -> list[dict]:
     """Worker 0's scores of its own copy while its servers were down (stateless), on the
     driver's clock: seconds since training started."""
-    start = next((e["t"] for e in events if e["event"] == "train_start"), None)
+    start = _train_start(events)
     if start is None:
         return []
     return [{"elapsed_s": e["t"] - start, "accuracy": e["accuracy"], "loss": e["loss"], "clock": e.get("clock")}
@@ -228,8 +253,9 @@ def _summarize(run_dir: Path, config: dict, events: list[dict], rates: CostRates
         "workers": config["cluster"]["workers"],
         "servers": config["cluster"]["servers"],
         "sync": config["sync"]["policy"],
-        "dataset": config["data"]["dataset"],
-        "model": config["model"]["name"],
+        # A script brings its own data and model, which the configuration does not name.
+        "dataset": None if config.get("command") else config["data"]["dataset"],
+        "model": None if config.get("command") else config["model"]["name"],
         "optimizer": config["optimizer"]["name"],
         "transport": config["cluster"].get("transport", "tcp"),
         "final_accuracy": curve[-1]["accuracy"] if curve else None,
@@ -263,6 +289,8 @@ def _summarize(run_dir: Path, config: dict, events: list[dict], rates: CostRates
         **_cost(events, rates, time_to_target, train_s),
         **_rounds(servers),
         **_barrier_accuracy(barriers),
+        "command": config.get("command") or [],
+        "script_metrics": _last_metrics(events),
         "curve": curve,
         "local_curve": _local_curve(events),
     }

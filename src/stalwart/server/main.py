@@ -1,5 +1,9 @@
 """The server process: serve one shard until the coordinator says the job is over.
 
+The shard's length comes from the job's bounds, or, for a user's script whose model no
+one knows before it runs, from the layout its first worker brings (the coordinator's
+``layout``), waited for before the server registers.
+
 Without chains, server process ``i`` serves shard ``i``; with chain replication of
 ``K`` replicas it serves shard ``i // K`` as one link of that shard's chain.
 """
@@ -11,7 +15,7 @@ import threading
 from pathlib import Path
 
 from ..config import JobConfig
-from ..control import CoordinatorClient
+from ..control import CoordinatorClient, CoordinatorError
 from ..metrics import EventLog
 from ..optim import optimizer_from_config
 from ..recovery import CheckpointRecovery, Checkpointer, RecoveryStrategy
@@ -43,15 +47,34 @@ def recovery_from_config(job: JobConfig, run_dir: str, index: int, shard: int, l
     return RecoveryStrategy()
 
 
+def _bounds(spec: RoleSpec, control: CoordinatorClient, log: EventLog) -> list[int] | None:
+    """The shard bounds: the job's (a built-in model), or the layout the first worker
+    of a script brings, waited for; None if the job ends before any worker came."""
+    if spec.bounds:
+        return spec.bounds
+    while True:
+        try:
+            return control.layout(timeout_s=spec.job.control.patience_s)
+        except CoordinatorError:
+            if control.state != "running":
+                log.emit("server_stop", reason=f"job {control.state} before any worker brought its model")
+                return None
+
+
 def run_server(spec: RoleSpec, index: int) -> int:
     job, token = spec.job, token_from_env()
     shard = index // job.recovery.replicas_per_shard
     log = EventLog.for_role(spec.run_dir, "server", index)
-    size = spec.bounds[shard + 1] - spec.bounds[shard]
+    control = CoordinatorClient(spec.coordinator, token, "server", index, give_up_s=job.control.patience_s)
+    bounds = _bounds(spec, control, log)
+    if bounds is None:
+        control.close()
+        log.close()
+        return 0
+    size = bounds[shard + 1] - bounds[shard]
     state = ShardState(shard, size, optimizer_from_config(job.optimizer, size),
                        parse_policy(job.sync.policy)(job.cluster.workers, size, leader=shard == 0),
                        job.cluster.workers, log)
-    control = CoordinatorClient(spec.coordinator, token, "server", index, give_up_s=job.control.patience_s)
     recovery = recovery_from_config(job, spec.run_dir, index, shard, log, control, token)
     # A launcher that places roles on hosts of their own (netlab) says where this one is.
     host = os.environ.get(HOST_ENV) or job.cluster.host

@@ -11,6 +11,14 @@ the optimizer applies), handed to the strategy with its acknowledgement (a stron
 sends that once the tail holds the entry), and acknowledged. A pull waits at the
 policy's gate and then sends the buffer itself under the shard's reader lock, so
 parameters go out without a copy and never half-updated.
+
+Model buffers (BatchNorm's running statistics) are not parameters: no gradient moves
+them, and no optimizer should. Shard 0's server keeps each worker's latest offer of
+its buffers (a BUFFERS frame, one float32 vector) and answers it with the mean over the
+workers' latest offers; a worker that leaves is taken out of the mean. This is soft
+state, outside the shard's log: it is not replicated or checkpointed, and after a
+failover the mean is whole again once every worker has offered its buffers (one
+averaging interval), which is why statistics, and never parameters, travel this way.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import zlib
 import numpy as np
 
 from ..metrics import EventLog
+from ..optim import all_finite
 from ..recovery import Entry, Op, RecoveryStrategy
 from ..recovery.base import OWNERS, Ack
 from ..shard import ShardState
@@ -31,9 +40,11 @@ from ..transport.base import Listener
 from ..transport.service import FrameService, Refused, Session
 
 # Requests that name a shard and a worker; both are checked before anything else.
-_SHARD_REQUESTS = {Kind.PUSH, Kind.INIT, Kind.PULL, Kind.DONE, Kind.REPLICATE, Kind.STATE, Kind.FLUSH}
+_SHARD_REQUESTS = {Kind.PUSH, Kind.INIT, Kind.PULL, Kind.DONE, Kind.REPLICATE, Kind.STATE, Kind.FLUSH,
+                   Kind.BUFFERS}
 # Kinds whose payload lands in the connection's shard-sized receive buffer.
 _SHARD_PAYLOADS = {Kind.PUSH, Kind.INIT, Kind.REPLICATE, Kind.FLUSH}
+BUFFERS_MAX_BYTES = 64 << 20  # the largest buffer vector shard 0 averages
 
 
 class ParameterServer(FrameService):
@@ -53,13 +64,14 @@ class ParameterServer(FrameService):
         self.shard = shard
         self.recovery = recovery if recovery is not None else RecoveryStrategy()
         self.recovery.bind(shard, self.serve_authenticated, log)
-        self.max_payload = self.recovery.max_payload()
+        self.max_payload = max(self.recovery.max_payload(), BUFFERS_MAX_BYTES if shard.shard == 0 else 0)
+        self.buffers: dict[int, np.ndarray] = {}  # worker -> its latest buffers (shard 0)
         self.ltp = {"rounds": 0, "lost_sum": 0.0, "lost_max": 0.0, "resends": 0}
         self.wait_s = [0.0] * shard.workers  # seconds each worker's pulls spent held at the gate
 
     # --- wire ----------------------------------------------------------------------
     def payload_sink(self, session: Session, frame: Frame) -> memoryview | None:
-        if frame.kind in self.recovery.fresh_payloads:
+        if frame.kind in self.recovery.fresh_payloads or frame.kind == Kind.BUFFERS:
             return None  # a fresh buffer of the announced size (bounded by max_payload)
         if frame.kind not in _SHARD_PAYLOADS:
             raise ProtocolError(f"{frame.kind.name} frames carry no payload here")
@@ -79,7 +91,7 @@ class ParameterServer(FrameService):
             if frame.worker != NO_WORKER and frame.worker >= self.shard.workers:
                 raise ProtocolError(f"worker id {frame.worker} is outside this job (0..{self.shard.workers - 1})")
         handler = {Kind.PUSH: self._on_push, Kind.PULL: self._on_pull, Kind.INIT: self._on_init,
-                   Kind.DONE: self._on_done}.get(frame.kind)
+                   Kind.DONE: self._on_done, Kind.BUFFERS: self._on_buffers}.get(frame.kind)
         if handler is not None:
             handler(session, frame)
         elif frame.kind in self.recovery.owns:
@@ -198,6 +210,24 @@ class ParameterServer(FrameService):
             shard.stats["pulls"] += 1
             shard.stats["bytes_out"] += shard.nbytes
 
+    def _on_buffers(self, session: Session, frame: Frame) -> None:
+        if frame.worker == NO_WORKER:
+            raise Refused("BUFFERS comes from a worker")
+        if frame.payload is None or frame.payload_len % 4:
+            raise Refused(f"BUFFERS carries {frame.payload_len} bytes, not a float32 vector")
+        values = np.frombuffer(frame.payload, dtype=np.float32)
+        with self.shard.lock:
+            sizes = {v.size for v in self.buffers.values()}
+            if sizes and values.size not in sizes:
+                raise Refused(f"worker {frame.worker} offers {values.size} buffer values; the other "
+                              f"workers' models have {sizes.pop()}")
+            if not all_finite(values):
+                raise Refused(f"BUFFERS from worker {frame.worker} holds NaN or infinite values")
+            self.buffers[frame.worker] = values.copy()
+            mean = np.mean(list(self.buffers.values()), axis=0, dtype=np.float32)
+        session.conn.send(Frame(Kind.BUFFERS, shard=self.shard.shard, worker=frame.worker),
+                          memoryview(mean).cast("B"))
+
     def _on_done(self, session: Session, frame: Frame) -> None:
         session.data["left"] = True
         self._leave(frame.worker, "worker_left")
@@ -208,6 +238,7 @@ class ParameterServer(FrameService):
             return  # membership is decided where updates are taken; its entry reaches every replica
         shard = self.shard
         with shard.lock:
+            self.buffers.pop(worker, None)
             now = time.time()  # wall time: a chain's head stamps it into the entry for every replica
             shard.apply_leave(worker, now)
             self.recovery.commit(Entry(Op.LEAVE, Frame(Kind.DONE, shard=shard.shard, worker=worker), None, now), None)

@@ -40,6 +40,7 @@ class Kind(enum.IntEnum):
     INIT = 14          # worker -> server: initial parameters (first one wins)
     DONE = 15          # worker -> server: leaving the job; sync policies stop waiting
     FLUSH = 16         # worker -> stateless server: the summed change of a backlog (meta: count, base_version)
+    BUFFERS = 17       # worker <-> shard 0's server: a worker's model buffers; answered with the workers' mean
     REQUEST = 20       # control: meta {"op": ..., ...}
     REPLY = 21         # control: meta
     STOP = 22          # server -> worker: the job is stopping, do not wait further

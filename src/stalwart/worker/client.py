@@ -31,8 +31,15 @@ class ServerError(RuntimeError):
     """A server refused a request; the message carries its reason."""
 
 
-class JobStopping(Exception):
-    """The servers say the job is stopping: finish up, do not wait for more."""
+class JobStopping(SystemExit):
+    """The job is stopping: finish up, do not wait for more.
+
+    A ``SystemExit`` of status 0, so that a user's script that does not catch it ends
+    quietly, as the job asked (its worker has done nothing wrong); one that wants to
+    save something first catches it."""
+
+    def __init__(self, *args):
+        super().__init__(0)
 
 
 class Redirect(ConnectionError):
@@ -62,10 +69,11 @@ class ParameterClient:
 
     def __init__(self, shards: list[str], bounds: list[int], token: bytes, *,
                  worker: int = NO_WORKER, transport: str = "tcp", timeout: float = 10.0,
-                 tails: list[str] | None = None, failover: Failover | None = None):
+                 tails: list[str] | None = None, failover: Failover | None = None, buffer_size: int = 0):
         if len(bounds) != len(shards) + 1:
             raise ValueError(f"{len(shards)} shards need {len(shards) + 1} bounds, got {len(bounds)}")
         self.worker, self.bounds = worker, bounds
+        self.buffer_size = buffer_size  # floats of model buffers averaged through shard 0
         self._opened: list[Connection] = []  # every connection ever dialled: their byte counts
         self.token, self.transport, self.timeout = token, transport, timeout
         self.failover = failover if failover is not None else NoFailover()
@@ -99,8 +107,9 @@ class ParameterClient:
         self.hint: dict | None = None
 
     def _dial(self, s: int, address: str) -> Connection:
+        floats = self.bounds[s + 1] - self.bounds[s]
         conn = dial(address, self.token, self.transport, self.timeout,
-                    max_payload=(self.bounds[s + 1] - self.bounds[s]) * 4)
+                    max_payload=4 * (max(floats, self.buffer_size) if s == 0 else floats))
         self._opened.append(conn)
         return conn
 
@@ -156,7 +165,7 @@ class ParameterClient:
         first when push and pull share a connection: a chain's head acknowledges a push
         only once the tail holds it, and may answer the pull before)."""
         conn = self.pull_conns[s] if expect == Kind.PARAMS else self.conns[s]
-        frame = conn.recv(None if into is None else (lambda f: into if f.kind == Kind.PARAMS else None))
+        frame = conn.recv(None if into is None else (lambda f: into if f.kind in (Kind.PARAMS, Kind.BUFFERS) else None))
         if frame.kind == Kind.STOP:
             raise JobStopping()
         if frame.kind == Kind.ERROR and (frame.meta or {}).get("redirect"):
@@ -377,6 +386,25 @@ class ParameterClient:
                 self._recv(s, Kind.ACK)
             except JobStopping:
                 pass
+
+    def average_buffers(self, values: np.ndarray) -> np.ndarray:
+        """Offer this worker's buffers (one float32 vector) to shard 0's server; returns
+        the mean over the workers' latest offers (see :mod:`stalwart.server.server`)."""
+        if values.dtype != np.float32 or values.size != self.buffer_size:
+            raise ValueError(f"expected {self.buffer_size} float32 buffer values, got {values.dtype} {values.shape}")
+        out = np.empty_like(values)
+        self.conns[0].send(Frame(Kind.BUFFERS, shard=0, worker=self.worker), memoryview(values).cast("B"))
+        self._recv(0, Kind.BUFFERS, memoryview(out).cast("B"))
+        return out
+
+    def goodbye(self) -> None:
+        """Leave the job (if a server is still there to tell) and close every connection."""
+        try:
+            self.leave()
+        except (ConnectionError, OSError, ProtocolError, ServerError):
+            pass  # the servers are already gone; there is no barrier left to release
+        finally:
+            self.close()
 
     def close(self) -> None:
         for conn in {id(c): c for c in self.conns + self.pull_conns}.values():

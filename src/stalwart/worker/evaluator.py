@@ -36,4 +36,5 @@ class Evaluator:
 
     def evaluate(self) -> dict:
         versions = self.client.pull(self.flat.params_np, wait=False)
+        self.flat.scatter()
         return {"version": min(versions), **score(self.model, self.x, self.y, self.batch)}

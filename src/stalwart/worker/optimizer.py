@@ -1,13 +1,16 @@
 """A drop-in optimizer that trains a ``torch.nn.Module`` through stalwart's servers.
 
-Usage, inside any training loop you already have::
+Usage, inside any training loop you already have, in a script run by ``stalwart run``::
 
-    opt = ParameterServerOptimizer(model, coordinator="127.0.0.1:7000", token=token, worker=0)
+    opt = stalwart.ParameterServerOptimizer(model)   # finds its job in the environment
     for x, y in loader:
         opt.zero_grad()
         loss_fn(model(x), y).backward()
         opt.step()            # push the gradient, pull fresh parameters
     opt.close()               # leave the job: no barrier waits for this worker any more
+
+(or, outside ``stalwart run``, ``ParameterServerOptimizer(model, coordinator=ADDRESS,
+token=TOKEN, worker=0)`` joins the job at that address as worker 0).
 
 How it works, and why:
 
@@ -15,6 +18,19 @@ How it works, and why:
   into two contiguous float32 vectors (:class:`~stalwart.worker.flat.FlatModel`). After
   ``backward()`` the gradient already lies in one buffer, which goes out as one frame per
   shard; a pull writes parameters straight back into the tensors the model computes with.
+  A model on a GPU, or in another floating dtype, keeps its parameters where they are and
+  moves them through float32 host vectors (pinned for a GPU), one copy each way; the
+  servers always hold a float32 master copy. Parameters that do not require gradients
+  are left alone.
+* **Buffers.** Floating buffers (BatchNorm's running mean and variance) are no gradient's
+  business: with ``buffers="average"`` (the job's ``train.buffers``) every
+  ``buffer_every`` steps this worker offers them to shard 0's server and takes back the
+  mean over the workers, so every worker normalizes with statistics of all the data;
+  ``"local"`` keeps each worker's own. Integer buffers (BatchNorm's batch counter) stay
+  local.
+* **The layout.** The servers learn the length of the parameter vector from the first
+  worker that joins (for a script; a built-in model's is fixed beforehand); a worker
+  whose model has another parameter count is refused with both counts named.
 * **The update rule lives on the servers.** Learning rate, momentum and Adam's moments
   are server state (they must survive a worker and be shared by all workers), so this
   object has no ``param_groups`` to tune: configure the job's optimizer instead.
@@ -35,8 +51,13 @@ How it works, and why:
   trained locally inside ``step()`` while it is down, and merged back when a server is
   there again; the loop above does not notice, except that it never stops.
 * **Clean endings.** When the job stops, ``step()`` raises
-  :class:`~stalwart.worker.client.JobStopping`; ``close()`` tells the servers this worker
-  left, so a barrier does not wait for it.
+  :class:`~stalwart.worker.client.JobStopping`, a ``SystemExit`` of status 0: a script
+  that does not catch it ends quietly. ``close()`` (or the end of the process) tells the
+  servers this worker left, so a barrier does not wait for it.
+* **The job's bracket.** Made from the environment (or by a built-in worker), the
+  optimizer has a :class:`~stalwart.worker.session.WorkerSession`, which it calls around
+  every push+pull: that is where computation and communication are timed, where an
+  injected straggler sleeps, and how heartbeats know the worker's clock.
 """
 
 from __future__ import annotations
@@ -47,39 +68,60 @@ import torch
 
 from ..control import CoordinatorClient
 from ..layout import ParameterLayout
-from ..transport import ProtocolError
-from .client import ParameterClient, ServerError
+from .client import ParameterClient
 from .flat import FlatModel
+from .session import WorkerSession
 
 
 class ParameterServerOptimizer:
     def __init__(self, model: torch.nn.Module, *, client: ParameterClient | None = None,
                  coordinator: str | None = None, token: bytes | str | None = None, worker: int = 0,
-                 transport: str = "tcp", timeout_s: float = 60.0, train_through=None):
-        self.flat = FlatModel(model)
+                 transport: str = "tcp", timeout_s: float = 60.0, train_through=None,
+                 session: WorkerSession | None = None, buffers: str | None = None, buffer_every: int | None = None,
+                 staged: bool = False):
+        self.flat = FlatModel(model, staged=staged)
+        if client is None and coordinator is None and token is None:
+            session = session or WorkerSession.from_env()
+        if session is not None:
+            train = session.job.train
+            buffers, buffer_every = buffers or train.buffers, buffer_every or train.buffer_every
+            if client is None:
+                client, train_through = session.connect(model, self._averaged_size(buffers))
+        if buffers not in (None, "average", "local"):
+            raise ValueError(f"buffers must be 'average' or 'local', got {buffers!r}")
+        self.buffers, self.buffer_every = buffers or "local", buffer_every or 20
         if client is None:
             if coordinator is None or token is None:
-                raise ValueError("give either a ParameterClient or a coordinator address and the job token")
+                raise ValueError("give a coordinator address and the job token (or run under `stalwart run`)")
             token = bytes.fromhex(token) if isinstance(token, str) else token
             control = CoordinatorClient(coordinator, token, "client", worker)
             try:
+                bounds = control.layout(ParameterLayout.from_module(model).total, timeout_s)
                 shards = control.shard_map(timeout_s)
             finally:
                 control.close()
-            bounds = ParameterLayout.from_module(model).shard_bounds(len(shards))
-            client = ParameterClient(shards, bounds, token, worker=worker, transport=transport)
+            client = ParameterClient(shards, bounds, token, worker=worker, transport=transport,
+                                     buffer_size=self._averaged_size(self.buffers))
         if client.bounds[-1] != self.flat.params.numel():
             raise ValueError(f"the servers hold {client.bounds[-1]} parameters, the model has "
                              f"{self.flat.params.numel()}")
-        self.client = client
+        self.client, self.session = client, session
         self.train_through = train_through
         self.clock = 0
         self.version = 0
         self._started = False
 
+    def _averaged_size(self, buffers: str | None) -> int:
+        return self.flat.buffer_size if buffers == "average" else 0
+
+    def _pull(self) -> list[int]:
+        versions = self.client.pull(self.flat.params_np, wait=False)
+        self.flat.scatter()
+        return versions
+
     def _start(self) -> None:
         self.clock = self.client.init(self.flat.params_np)
-        self.version = min(self.client.pull(self.flat.params_np, wait=False))
+        self.version = min(self._pull())
         self._started = True
 
     def zero_grad(self, set_to_none: bool = False) -> None:
@@ -94,6 +136,8 @@ class ParameterServerOptimizer:
         if not self._started:
             # The gradient was computed on local initial weights; so were everyone's.
             self._start()
+        if self.session is not None:
+            self.session.before_sync(self.clock)
         grads = self.flat.gathered_grads()
         versions = self.client.push_pull(grads, self.flat.params_np, self.clock)
         if self.train_through is not None:
@@ -102,22 +146,30 @@ class ParameterServerOptimizer:
                 # Continue where the rebuilt servers are, from their merged parameters.
                 self.clock = max([self.clock] + [r.resume_clock - 1 for r in back])
                 versions = self.client.pull(self.flat.params_np, wait=False)
+        self.flat.scatter()
         self.version = min(versions)
         self.clock += 1
+        if self.buffers == "average" and self.flat.buffers and self.clock % self.buffer_every == 0 \
+                and not self.client.detached:
+            self.average_buffers()
+        if self.session is not None:
+            self.session.after_sync(self.clock)
         return loss
+
+    def average_buffers(self) -> None:
+        """Replace this worker's floating buffers by the mean over the workers' latest."""
+        self.flat.set_buffers(torch.from_numpy(self.client.average_buffers(self.flat.buffer_vector().numpy())))
 
     def sync(self) -> None:
         """Pull the latest parameters without pushing (e.g. before evaluating)."""
         if not self._started:
             self._start()
         else:
-            self.version = min(self.client.pull(self.flat.params_np, wait=False))
+            self.version = min(self._pull())
 
     def close(self) -> None:
-        if self.client.conns:
-            try:
-                self.client.leave()
-            except (ConnectionError, OSError, ProtocolError, ServerError):
-                pass  # the servers are already gone; there is no barrier left to release
-            finally:
-                self.client.close()
+        """Leave the job: the servers stop waiting for this worker."""
+        if self.session is not None:
+            self.session.close(iterations=self.clock)
+        elif self.client.conns:
+            self.client.goodbye()
