@@ -69,3 +69,27 @@ def test_a_killed_server_on_ray_resumes_from_its_checkpoint_on_its_node(two_node
 def test_loopback_roles_on_several_nodes_are_refused_before_anything_starts(two_nodes, run_root):
     with pytest.raises(JobFailed, match="has 2 nodes.*set cluster.host to 0.0.0.0"):
         Job(ray_job(run_root, host="127.0.0.1")).run()
+
+
+def test_a_users_script_runs_as_the_workers_on_ray(two_nodes, run_root, tmp_path):
+    import sys
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import torch, stalwart\n"
+        "torch.manual_seed(0)\n"
+        "model = torch.nn.Linear(4, 1)\n"
+        "x = torch.randn(64, 4); y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])\n"
+        "opt = stalwart.ParameterServerOptimizer(model)\n"
+        "while opt.clock < 200:\n"
+        "    opt.zero_grad(); loss = torch.nn.functional.mse_loss(model(x), y); loss.backward(); opt.step()\n"
+        "stalwart.log(loss=loss.item(), worker=stalwart.worker_index())\n")
+    config = JobConfig.validate_dict({
+        "command": [sys.executable, str(script)],
+        "cluster": {"workers": 2, "servers": 1, "launcher": "ray", "host": "0.0.0.0", "ray_cpus_per_role": 0.5},
+        "optimizer": {"lr": 0.05}, "out": str(run_root), "progress": False})
+    summary = Job(config).run()
+    assert summary["status"] == "completed" and summary["workers"] == 2
+    assert summary["script_metrics"]["loss"] < 0.05            # worker 0's events came back
+    (run_dir,) = run_root.iterdir()
+    assert {e["index"] for e in events(run_dir, "metrics")} == {0, 1}
+    assert (run_dir / "logs" / "worker-1.err").exists()

@@ -264,3 +264,78 @@ def test_a_model_on_the_gpu_trains_through_pinned_host_buffers(tmp_path):
     losses, _ = _train_one_worker(tmp_path, model, staged=False)
     assert FlatModel(torch.nn.Linear(3, 3).cuda()).params.is_pinned()
     assert losses[-1] < 0.2 * losses[0]
+
+
+# --- workers that join and leave ---------------------------------------------------------
+
+JOIN_SCRIPT = """
+    import os, sys, torch, stalwart
+    torch.manual_seed(0)
+    me, done = stalwart.worker_index(), sys.argv[1]
+    model = torch.nn.Linear(4, 1)
+    x = torch.randn(64, 4); y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+    opt = stalwart.ParameterServerOptimizer(model)
+    first = None
+    while True:
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        first = opt.clock if first is None else first
+        stalwart.log(loss=loss.item())
+        if me == 1 and opt.clock >= 40:               # leaves the job early
+            break
+        if me == 2 and opt.clock - first >= 100:     # the joiner: 100 steps in the barrier, then leaves
+            open(done, "w").close()
+            break
+        if me == 0 and (os.path.exists(done) or opt.clock >= 20_000):
+            break
+    opt.close()
+"""
+
+
+def test_under_bsp_a_worker_joins_a_running_job_and_another_leaves(tmp_path, monkeypatch):
+    import json
+    import threading
+
+    from helpers import wait_until
+
+    monkeypatch.setenv("STALWART_TOKEN", "ab" * 32)  # the job's token, shared with the joiner
+    done = tmp_path / "joiner-done"
+    config = _script_job(tmp_path, JOIN_SCRIPT, cluster={"workers": 2, "servers": 2, "max_workers": 3},
+                         optimizer={"lr": 0.02}, name="join")
+    config.command.append(str(done))
+    run_dir = tmp_path / "runs" / "join"
+    outcome: dict = {}
+    job = threading.Thread(target=lambda: outcome.update(summary=Job(config).run()), daemon=True)
+    job.start()
+    # the job is training once worker 0 has logged its loss
+    wait_until(lambda: (run_dir / "events" / "worker-0.jsonl").is_file() and
+               '"metrics"' in (run_dir / "events" / "worker-0.jsonl").read_text(), 60, "the job to train")
+    code = main(["run", "--join", str(run_dir), "--", sys.executable, str(tmp_path / "script.py"), str(done)])
+    assert code == 0
+    job.join(60)
+    assert not job.is_alive()
+    summary = outcome["summary"]
+    assert summary["status"] == "completed" and summary["workers"] == 3
+    stops = {e["index"]: e for e in events(run_dir, "worker_stop")}
+    joined = next(e for e in events(run_dir, "first_step") if e["index"] == 2)
+    assert joined["clock"] > 40                       # it came into a job well under way
+    assert stops[2]["iterations"] - joined["clock"] >= 99
+    assert stops[1]["iterations"] == 40 and stops[0]["iterations"] > stops[2]["iterations"] - 1
+    left = {e["worker"] for e in events(run_dir, "worker_left")}
+    assert {1, 2} <= left                            # both leavers were let go by the barrier
+    assert [j["index"] for j in summary["joined"]] == [2]
+    assert summary["script_metrics"]["loss"] < 0.05
+    assert json.loads((run_dir / "summary.json").read_text())["joined"][0]["training_after_s"] < 30
+    # the job is over: there is nothing left to join, and the refusal says so
+    assert main(["run", "--join", str(run_dir), "--", sys.executable, "-c", "pass"]) == 2
+
+
+def test_joining_is_refused_clearly(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("STALWART_TOKEN", raising=False)
+    assert main(["run", "--join", str(tmp_path), "--", "true"]) == 2
+    assert "not the run directory of a job" in capsys.readouterr().err
+    (tmp_path / "spec.json").write_text("{}")
+    assert main(["run", "--join", str(tmp_path), "--workers", "3", "--", "true"]) == 2
+    assert "--join takes the job's own settings" in capsys.readouterr().err

@@ -25,6 +25,7 @@ _LAZY = {
     "num_workers": ("stalwart.api", "num_workers"),
     "shard": ("stalwart.api", "shard"),
     "log": ("stalwart.api", "log"),
+    "join": ("stalwart.api", "join"),
 }
 
 

@@ -47,6 +47,14 @@ def shard(dataset, seed: int | None = None):
     return Subset(dataset, shard_indices(len(dataset), session.job.cluster.workers, session.index, chosen).tolist())
 
 
+def join(run_dir: str, token: bytes | None = None) -> int:
+    """Join the running job whose run directory is ``run_dir`` as one more worker (the
+    job's token: given, or ``STALWART_TOKEN``, which the job must have been started
+    with); returns this worker's index. Call it before the optimizer is made."""
+    from .worker.session import WorkerSession
+    return WorkerSession.join(run_dir, token).index
+
+
 def log(**metrics: Any) -> None:
     """Record scalars (``step``, ``loss``, ``accuracy``, anything numeric) in the run's
     event log, its summary and plots (worker 0's ``accuracy`` is the run's accuracy

@@ -206,13 +206,43 @@ def run(
     name: Optional[str] = typer.Option(None, help="run directory name"),
     tensorboard: Optional[Path] = typer.Option(None, help="also write the workers' stalwart.log metrics here"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no live progress display"),
+    join: Optional[Path] = typer.Option(
+        None, "--join", help="join the running job of this run directory as one more worker (needs the job's "
+                             "STALWART_TOKEN in the environment); the other options are the job's"),
 ) -> None:
     """Run your own training script as the job's workers: `stalwart run -- python train.py`.
 
     Starts the coordinator and the servers, then runs COMMAND once per worker with the job
     in its environment; in the script, `stalwart.ParameterServerOptimizer(model)` joins it."""
     options = dict(locals())
+    if (run_dir := options.pop("join")) is not None:
+        _join_job(run_dir, command, {k: v for k, v in options.items() if k != "command"})
+        return
     _run_job(_job_config(options.pop("config"), options))
+
+
+def _join_job(run_dir: Path, command: list[str], options: dict) -> None:
+    """COMMAND as one more worker of the running job in ``run_dir``; exits with its status."""
+    import subprocess
+
+    from .spec import SPEC_ENV, TOKEN_ENV, WORKER_ENV, job_token
+    from .worker.session import NotInJob, WorkerSession, reserve_worker_slot
+
+    if given := [k for k, v in options.items() if v not in (None, False)]:
+        _fail(f"--join takes the job's own settings; drop {', '.join('--' + k.replace('_', '-') for k in given)}")
+    try:
+        spec, token = WorkerSession.job_of(run_dir), job_token()
+        index = reserve_worker_slot(spec, token)
+    except (NotInJob, ValueError) as exc:
+        _fail(str(exc))
+    env = {**os.environ, SPEC_ENV: str(run_dir.resolve() / "spec.json"), WORKER_ENV: str(index), TOKEN_ENV: token.hex()}
+    console.print(f"joining {run_dir} as worker {index}: {' '.join(command)}")
+    try:
+        code = subprocess.call(command, env=env)
+    except OSError as exc:
+        _fail(f"cannot run {' '.join(command)!r}: {exc.strerror or exc}")
+    if code != 0:
+        _fail(f"worker {index} ({' '.join(command)}) exited with status {code}", code=1)
 
 
 def _check_outputs(job_config) -> None:

@@ -31,6 +31,9 @@ class _Section(BaseModel):
 
 class ClusterConfig(_Section):
     workers: int = Field(4, ge=1, le=1024)
+    # The most workers the job may have at once, workers that join a running job included
+    # (`stalwart run --join`); None: twice `workers`.
+    max_workers: int | None = Field(None, ge=1, le=2048)
     servers: int = Field(2, ge=1, le=256)
     # Loopback unless told otherwise: a server is reachable only from this host by default.
     host: str = "127.0.0.1"
@@ -54,6 +57,17 @@ class ClusterConfig(_Section):
             raise ValueError(f"lease_s ({self.lease_s}) must exceed two heartbeats "
                              f"({2 * self.heartbeat_s}) or healthy members would expire")
         return self
+
+    @model_validator(mode="after")
+    def _room_for_the_workers(self) -> "ClusterConfig":
+        if self.max_workers is not None and self.max_workers < self.workers:
+            raise ValueError(f"max_workers ({self.max_workers}) is below workers ({self.workers})")
+        return self
+
+    @property
+    def worker_slots(self) -> int:
+        """Worker indices the job has room for: those it starts, and joiners."""
+        return self.max_workers if self.max_workers is not None else 2 * self.workers
 
     @field_validator("transport")
     @classmethod

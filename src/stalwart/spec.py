@@ -46,6 +46,24 @@ class RoleSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 
+def job_token(required: bool = True) -> bytes | None:
+    """The job token the environment holds, checked; None if it holds none (and none is
+    ``required``). A user sets it to share one job between commands (``--join``)."""
+    value = os.environ.get(TOKEN_ENV)
+    if not value:
+        if required:
+            raise ValueError(f"{TOKEN_ENV} is not set: joining a job needs its token (set {TOKEN_ENV} to the "
+                             f"same hex string for the job and for the worker that joins it)")
+        return None
+    try:
+        token = bytes.fromhex(value)
+    except ValueError:
+        raise ValueError(f"{TOKEN_ENV} must be a hex string, e.g. from `openssl rand -hex 32`") from None
+    if len(token) < 16:
+        raise ValueError(f"{TOKEN_ENV} holds {len(token)} bytes; a job token needs at least 16 (32 hex digits)")
+    return token
+
+
 def token_from_env() -> bytes:
     value = os.environ.get(TOKEN_ENV)
     if not value:

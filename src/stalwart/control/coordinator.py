@@ -57,6 +57,7 @@ from .store import EPOCH_STRIDE, ControlStore, Deposed, MemoryStore, StoreError
 
 JOB_STATES = ("running", "stopping", "shutdown")
 ROLES = ("server", "worker", "driver", "client", "bench", "observer")
+JOIN_GRACE_S = 30.0  # how long a worker slot is held for a joiner that has not registered yet
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Coordinator(FrameService):
 
     def __init__(self, listener: Listener, token: bytes, log: EventLog, *, servers: int,
                  workers: int, lease_s: float, replicas: int = 1, pulls_at_tail: bool = True,
-                 store: ControlStore | None = None, bounds: list[int] | None = None):
+                 store: ControlStore | None = None, bounds: list[int] | None = None, joins: bool = True):
         super().__init__(listener, token, log)
         # ``servers`` counts shards; there are ``servers * replicas`` server processes.
         self.servers, self.workers, self.lease_s, self.replicas = servers, workers, lease_s, replicas
@@ -105,6 +106,7 @@ class Coordinator(FrameService):
         self._shutdown = threading.Event()
         self.deposed = False
         self._closed_job = False  # took over a job that had already shut down
+        self.joins = joins        # whether workers may join the running job (ElasticBSP: no)
         # {"total", "bounds", "source"}: fixed before the start (built-in models) or by the
         # first worker that proposes one (a user's script); None until then.
         self.layout: dict | None = {"total": bounds[-1], "bounds": list(bounds), "source": "job"} if bounds else None
@@ -233,6 +235,25 @@ class Coordinator(FrameService):
             self.formed.add(shard)
         self._adopted[shard] = seen_epoch
         return True
+
+    def op_join_worker(self, pid: int | None = None) -> dict:
+        """A worker that wants to join the running job: the lowest free worker index (never
+        used, or its worker gone), held for it with a fresh lease until it registers."""
+        if not self.joins:
+            return {"error": "workers cannot join under ElasticBSP: its leader plans each barrier for the "
+                             "workers it has timed, and a newcomer is in no plan; use bsp, ssp, dssp or asp"}
+        with self._cond:
+            if self.state != "running":
+                return {"error": f"the job is {self.state}: there is nothing left to join"}
+            taken = {i for (role, i), m in self.members.items() if role == "worker" and m.alive}
+            free = next((w for w in range(self.workers) if w not in taken), None)
+            if free is None:
+                return {"error": f"every one of the job's {self.workers} worker slots is taken; start the job "
+                                 f"with a larger cluster.max_workers to let more workers join"}
+            # Held past the lease: the joiner's process is still starting (importing torch).
+            self.members[("worker", free)] = Member("worker", free, None, pid, time.monotonic() + JOIN_GRACE_S)
+        self.log.emit("worker_slot", member_index=free, pid=pid)
+        return {"index": free, "state": self.state, "epoch": self.epoch}
 
     def _checked_layout(self, layout: dict) -> dict:
         """A layout a member brought back, as this job would have cut it."""

@@ -23,11 +23,11 @@ def run_coordinator(spec, index: int = 0) -> int:
     # before this process existed.
     listener = TcpTransport().listen_fd(int(os.environ[LISTEN_FD_ENV]))
     coordinator = Coordinator(listener, token_from_env(), log, servers=job.cluster.servers,
-                              workers=job.cluster.workers, lease_s=job.cluster.lease_s,
+                              workers=job.cluster.worker_slots, lease_s=job.cluster.lease_s,
                               replicas=job.recovery.replicas_per_shard,
                               pulls_at_tail=job.recovery.mode == ChainMode.STRONG,
                               store=store_from_config(job.control.store, spec.job_id, index),
-                              bounds=spec.bounds or None)
+                              bounds=spec.bounds or None, joins=not job.sync.policy.startswith("elastic"))
     code = coordinator.run(tick_s=job.cluster.heartbeat_s)
     log.close()
     return code

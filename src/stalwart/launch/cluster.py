@@ -17,7 +17,7 @@ from ..config import JobConfig
 from ..control import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
 from .base import Exit, Launcher
 from .local import LocalLauncher
-from ..spec import TOKEN_ENV, RoleSpec
+from ..spec import TOKEN_ENV, RoleSpec, job_token
 
 
 class ClusterError(RuntimeError):
@@ -56,7 +56,10 @@ class Cluster:
                 EtcdStore(config.control.store, "check").check()
             except StoreError as exc:
                 raise ClusterError(f"control store: {exc}") from None
-        token = secrets.token_bytes(32)
+        try:  # a token the user chose (to join workers later), else a fresh one
+            token = job_token(required=False) or secrets.token_bytes(32)
+        except ValueError as exc:
+            raise ClusterError(str(exc)) from None
         launcher = make_launcher(config, Path(run_dir), {TOKEN_ENV: token.hex()}, placement)
         try:
             coordinators = range(config.control.coordinators)

@@ -48,7 +48,9 @@ class ClusterWatch:
 
     def _workers(self, members: dict, elapsed: float) -> list[WorkerView]:
         workers = []
-        for w in range(self.config.cluster.workers):
+        # the job's own workers, and any that joined it
+        joined = [i for role, i in members if role == "worker" and i >= self.config.cluster.workers]
+        for w in range(max([self.config.cluster.workers - 1, *joined]) + 1):
             m = members.get(("worker", w)) or {}
             stats = m.get("stats") or {}
             clock = stats.get("clock")

@@ -240,7 +240,9 @@ def _summarize(run_dir: Path, config: dict, events: list[dict], rates: CostRates
     pushes = sum(s.get("pushes", 0) for s in servers.values())
     # A worker held at a gate waits on every shard at once: its wait is the longest.
     waits = [s.get("wait_s") or [] for s in servers.values()]
-    wait_per_worker = [max(w[i] for w in waits if len(w) > i) for i in range(max(map(len, waits), default=0))]
+    # Every worker that ran: the job's own, and workers that joined it (servers have room for more).
+    ran = {e["index"] for e in events if e["event"] == "worker_start"} | set(range(config["cluster"]["workers"]))
+    wait_per_worker = [max(w[i] for w in waits if len(w) > i) for i in range(min(max(ran) + 1, max(map(len, waits), default=0)))]
     # With chains every replica of the leading shard logs the same barrier: count each once.
     barriers = list({b["barrier"]: b for b in reversed(by("barrier"))}.values())
     recovery = config.get("recovery", {})
@@ -250,7 +252,7 @@ def _summarize(run_dir: Path, config: dict, events: list[dict], rates: CostRates
     staleness = sum(s.get("staleness_sum", 0) for s in servers.values())
     return {
         "run_dir": str(run_dir),
-        "workers": config["cluster"]["workers"],
+        "workers": len(ran),
         "servers": config["cluster"]["servers"],
         "sync": config["sync"]["policy"],
         # A script brings its own data and model, which the configuration does not name.
@@ -290,6 +292,10 @@ def _summarize(run_dir: Path, config: dict, events: list[dict], rates: CostRates
         **_rounds(servers),
         **_barrier_accuracy(barriers),
         "command": config.get("command") or [],
+        # workers that came into a job already training (joined it, or restarted): how soon
+        # each trained, from reaching for the servers to its first step in the barrier
+        "joined": [{"index": e["index"], "clock": e["clock"], "training_after_s": e["after_connect_s"]}
+                   for e in by("first_step") if e["clock"] > 1],
         "script_metrics": _last_metrics(events),
         "curve": curve,
         "local_curve": _local_curve(events),

@@ -74,7 +74,7 @@ def run_server(spec: RoleSpec, index: int) -> int:
     size = bounds[shard + 1] - bounds[shard]
     state = ShardState(shard, size, optimizer_from_config(job.optimizer, size),
                        parse_policy(job.sync.policy)(job.cluster.workers, size, leader=shard == 0),
-                       job.cluster.workers, log)
+                       job.cluster.worker_slots, log)
     recovery = recovery_from_config(job, spec.run_dir, index, shard, log, control, token)
     # A launcher that places roles on hosts of their own (netlab) says where this one is.
     host = os.environ.get(HOST_ENV) or job.cluster.host

@@ -64,9 +64,17 @@ class SyncPolicy(ABC):
         return None
 
     def join(self, worker: int) -> int:
-        """``worker`` (re)joins the job: wait for it again; returns the clock it pushes next."""
+        """``worker`` (re)joins the job: wait for it again; returns the clock it pushes next.
+
+        A newcomer (or a worker back after a restart) continues from the slowest other
+        active worker's clock, never behind it, so that no bound on how far workers may
+        run apart makes the others wait while it catches up."""
+        others = [self.clocks.get(w, -1) for w in self.active if w != worker]
         self.active.add(worker)
-        return self.clocks.get(worker, -1) + 1
+        start = max(self.clocks.get(worker, -1), min(others, default=-1)) + 1
+        if start > 0:
+            self.clocks[worker] = start - 1  # as if it had pushed up to there
+        return start
 
     def lr_scale(self) -> float:
         """Scale of the learning rate for the update just returned by ``on_push``.

@@ -17,6 +17,12 @@ worker's push for clock ``c`` reached one shard and not yet the other. It contin
 from the lowest clock any shard collects, so no shard is asked for a barrier it has not
 reached; where that barrier already completed without it, its push is late and dropped
 (it counts nowhere), until it catches up with the barrier being collected.
+
+Joining and leaving: a newcomer is admitted into the barrier being collected (its
+``join`` returns that clock), so the workers already waiting there wait for its first
+push, a step of computation and no more (the drop-in optimizer pulls the current
+parameters before a joiner's first push, and does not push a gradient it computed on
+stale weights). A worker that leaves stops being waited for at once.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ The effective bound thus moves within ``[S, S + R]`` with the workers' speeds.
 Timing differs between shards, so only the leader (shard 0) decides; followers allow
 the loosest bound ``S + R``. A worker waits for every shard's answer, so it is held
 exactly as long as the leader decides, and staleness never exceeds ``S + R`` anywhere.
+
+Joining and leaving are SSP's: a newcomer starts from the slowest worker's clock, and a
+worker that leaves is no longer waited on.
 """
 
 from __future__ import annotations

@@ -30,6 +30,11 @@ Intervals that hold a barrier wait are never measured, under either rule.
 
 Each barrier is logged with the predicted and the actual wait of every worker. A worker
 that changes speed changes its intervals, so the next plans follow it.
+
+Joining and leaving: a worker that leaves is taken out of the barrier being collected
+and of the plans. Workers cannot join a running job, nor come back after a restart:
+the plan in force names the barrier clock of each worker it timed, and a newcomer is in
+none, so the coordinator refuses it (and the configuration a restart) with that reason.
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ worker may run more than ``S`` clocks ahead of the slowest: a worker that pushed
 parameters a worker reads at clock ``c`` hold every worker's updates up to ``c - S - 1``.
 ``ssp:0`` waits like BSP but applies gradients one by one; a large ``S`` tends to ASP.
 The rule reads only clocks, so every shard gates identically.
+
+Joining and leaving: a worker that joins (or comes back after a restart) starts from
+the slowest active worker's clock, so the bound holds at once and nobody waits for it
+to catch up; a worker that leaves is no longer the slowest, so whoever waited on it
+goes on.
 """
 
 from __future__ import annotations

@@ -40,7 +40,9 @@ How it works, and why:
   The same loop runs under every policy.
 * **One starting point.** The first ``step()`` offers this worker's initial weights to
   every shard and then pulls; a shard keeps the first offer it receives, so all workers
-  start from identical weights even if their seeds differ.
+  start from identical weights even if their seeds differ. A worker that finds the
+  servers trained already (it joined a running job, or restarted) does not push the
+  gradient it computed on its own initial weights: that first step only pulls.
 * **Surviving servers and restarts.** With a recovery strategy, a shard whose server
   died is found again through the coordinator and redialled with backoff inside
   ``step()`` (see :class:`~stalwart.worker.client.ParameterClient`); a worker process
@@ -119,10 +121,12 @@ class ParameterServerOptimizer:
         self.flat.scatter()
         return versions
 
-    def _start(self) -> None:
+    def _start(self) -> bool:
+        """Offer the initial weights and pull; True if the servers had trained already."""
         self.clock = self.client.init(self.flat.params_np)
         self.version = min(self._pull())
         self._started = True
+        return self.version > 0
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         self.flat.zero_grad()
@@ -133,9 +137,11 @@ class ParameterServerOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._started:
-            # The gradient was computed on local initial weights; so were everyone's.
-            self._start()
+        if not self._started and self._start():
+            # The gradient was computed on this worker's initial weights, and the servers
+            # have trained since (a worker that joins, or restarts): it is stale, so this
+            # step only brought the current parameters.
+            return loss
         if self.session is not None:
             self.session.before_sync(self.clock)
         grads = self.flat.gathered_grads()

@@ -33,6 +33,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,7 +43,7 @@ from ..faults import Straggler, parse_straggler
 from ..layout import ParameterLayout
 from ..metrics import EventLog
 from ..optim import optimizer_from_config
-from ..spec import SPEC_ENV, TOKEN_ENV, WORKER_ENV, RoleSpec, token_from_env
+from ..spec import SPEC_ENV, TOKEN_ENV, WORKER_ENV, RoleSpec, job_token, token_from_env
 from .client import JobStopping, ParameterClient
 from .failover import Detach, NoFailover, Reconnect
 from .trainthrough import TrainThrough
@@ -52,6 +53,18 @@ WAITING_S = 0.05  # a step that has been syncing this long is waiting (at a barr
 
 class NotInJob(RuntimeError):
     """A script asked for its job outside ``stalwart run``; the message says what is missing."""
+
+
+def reserve_worker_slot(spec: RoleSpec, token: bytes) -> int:
+    """A free worker index in the running job of ``spec``, held for the process that joins."""
+    from ..control import CoordinatorError
+    control = CoordinatorClient(spec.coordinator, token, "client", 0, patience_s=3.0)
+    try:
+        return int(control.call("join_worker", pid=os.getpid())["index"])
+    except CoordinatorError as exc:
+        raise NotInJob(f"cannot join the job at {spec.coordinator}: {exc}") from None
+    finally:
+        control.close()
 
 
 @dataclass
@@ -75,6 +88,8 @@ class WorkerSession:
         self.stopping = threading.Event()
         self.straggler = Straggler([parse_straggler(r) for r in job.faults.stragglers], index, job.train.seed)
         self._first_sync: float | None = None
+        self._connect_start: float | None = None
+        self._trained = False  # has a step completed yet
         self._last_sync_end = time.perf_counter()
         self._sync_start = 0.0
         self._client: ParameterClient | None = None
@@ -111,6 +126,30 @@ class WorkerSession:
         session.log.emit("worker_start", command=spec.job.command)
         return session
 
+    @classmethod
+    def join(cls, run_dir: str | Path, token: bytes | None = None) -> "WorkerSession":
+        """Join the running job of ``run_dir`` as a new worker of this process, in the
+        lowest free worker slot (the token: given, or ``STALWART_TOKEN``)."""
+        spec = cls.job_of(run_dir)
+        try:
+            token = token or job_token()
+        except ValueError as exc:
+            raise NotInJob(str(exc)) from None
+        index = reserve_worker_slot(spec, token)
+        os.environ.update({SPEC_ENV: str(Path(run_dir) / "spec.json"), WORKER_ENV: str(index),
+                           TOKEN_ENV: token.hex()})
+        return cls.from_env()
+
+    @staticmethod
+    def job_of(run_dir: str | Path) -> RoleSpec:
+        path = Path(run_dir) / "spec.json"
+        try:
+            return RoleSpec.load(path)
+        except FileNotFoundError:
+            raise NotInJob(f"{run_dir} is not the run directory of a job (no spec.json)") from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise NotInJob(f"{path} cannot be read: {exc}") from None
+
     # --- the servers ------------------------------------------------------------------
     def bounds(self, model: torch.nn.Module) -> list[int]:
         """The job's shard bounds, checked against (or fixed by) this worker's model."""
@@ -123,6 +162,7 @@ class WorkerSession:
         """A client of every shard, with the failover (and, for stateless servers, the
         training-through) that the recovery strategy calls for."""
         job, r, control = self.job, self.job.recovery, self.control
+        self._connect_start = time.perf_counter()
         bounds = self.bounds(model)
 
         def resolve(failed: list[str], wait_s: float) -> tuple[list[str], list[str]]:
@@ -171,6 +211,11 @@ class WorkerSession:
         self._last_sync_end = time.perf_counter()
         self.tally.comm_s += self._last_sync_end - self._sync_start
         self.tally.progress.update(clock=clock, sync_since=None)
+        if not self._trained:
+            # How soon a worker trains once it reaches for the servers (a joiner's figure).
+            self._trained = True
+            self.log.emit("first_step", clock=clock,
+                          after_connect_s=self._last_sync_end - (self._connect_start or self._last_sync_end))
 
     def _heartbeat(self) -> dict:
         """What a heartbeat tells the coordinator: iteration, loss, and what the worker is
