@@ -31,20 +31,22 @@ def worker_index() -> int:
 
 
 def num_workers() -> int:
-    """How many workers the job has."""
+    """How many workers the job starts (workers that join it later are beyond these)."""
     return _session().job.cluster.workers
 
 
 def shard(dataset, seed: int | None = None):
     """This worker's share of a map-style dataset, as a ``torch.utils.data.Subset``:
-    the workers' shares are disjoint and equal-sized (the remainder of an uneven split
-    is left out), drawn by ``seed`` (the job's ``--seed`` by default)."""
+    the shares of the job's workers are disjoint and equal-sized (the remainder of an
+    uneven split is left out), drawn by ``seed`` (the job's ``--seed`` by default). A
+    worker that joined beyond them (index ``num_workers() + k``) shares worker ``k``'s."""
     from torch.utils.data import Subset
 
     from .data import shard_indices
     session = _session()
     chosen = session.job.train.seed if seed is None else seed
-    return Subset(dataset, shard_indices(len(dataset), session.job.cluster.workers, session.index, chosen).tolist())
+    workers = session.job.cluster.workers
+    return Subset(dataset, shard_indices(len(dataset), workers, session.index % workers, chosen).tolist())
 
 
 def join(run_dir: str, token: bytes | None = None) -> int:

@@ -143,7 +143,8 @@ def train(
 
 # Each option of `train` and `run`, and the config field it sets.
 OPTION_FIELDS = {
-    "workers": "cluster.workers", "servers": "cluster.servers", "host": "cluster.host",
+    "workers": "cluster.workers", "max_workers": "cluster.max_workers", "servers": "cluster.servers",
+    "host": "cluster.host",
     "launcher": "cluster.launcher", "ray_address": "cluster.ray_address", "control": "control.store",
     "standbys": "control.standbys", "transport": "cluster.transport", "shm": "cluster.shm",
     "sync": "sync.policy", "dataset": "data.dataset", "data_dir": "data.data_dir", "samples": "data.samples",
@@ -182,6 +183,7 @@ def run(
                                         show_default=False),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML job file; flags override it"),
     workers: Optional[int] = typer.Option(None, help="number of worker processes (each runs COMMAND)"),
+    max_workers: Optional[int] = typer.Option(None, help="most workers at once, joiners included (default 2x --workers)"),
     servers: Optional[int] = typer.Option(None, help="number of server processes (shards)"),
     sync: Optional[str] = typer.Option(None, help="synchronization policy: bsp | asp | ssp:S | dssp:S:R | elastic:R[:N]"),
     optimizer: Optional[str] = typer.Option(None, help="server-side optimizer: sgd | adam"),
