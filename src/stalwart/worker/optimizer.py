@@ -25,7 +25,9 @@ How it works, and why:
 * **Buffers.** Floating buffers (BatchNorm's running mean and variance) are no gradient's
   business: with ``buffers="average"`` (the job's ``train.buffers``) every
   ``buffer_every`` steps this worker offers them to shard 0's server and takes back the
-  mean over the workers, so every worker normalizes with statistics of all the data;
+  mean over the workers' latest offers (its own fresh, the others' from their own last
+  averaging, at most an interval older), so every worker normalizes with statistics
+  of all the data;
   ``"local"`` keeps each worker's own. Integer buffers (BatchNorm's batch counter) stay
   local.
 * **The layout.** The servers learn the length of the parameter vector from the first
