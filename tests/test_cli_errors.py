@@ -108,6 +108,13 @@ CASES = [
     (["experiment", "transport", "--rate", "-5"], 2, ["--rate and --buffer must be positive"]),
     (["netlab", "run", "--set", "cluster.workers"], 2, ["--set 'cluster.workers'", "field.path=value"]),
     (["netlab", "run", "--set", "cluster.workers=0"], 2, ["cluster.workers"]),
+    (["run"], 2, ["Missing argument", "stalwart run --help"]),
+    (["run", "--workers", "0", "--", "true"], 2, ["cluster.workers", "greater than or equal to 1"]),
+    (["run", "--buffers", "sometimes", "--", "true"], 2, ["train.buffers", "'average' or 'local'"]),
+    (["run", "--workers", "3", "--max-workers", "2", "--", "true"], 2, ["max_workers (2) is below workers (3)"]),
+    (["run", "--quiet", "--out", "{runs}", "--", "{nowhere}/train.py"], 1,
+     ["cannot start worker 0", "nowhere/train.py", "No such file"]),
+    (["run", "--join", "{nowhere}", "--", "true"], 2, ["nowhere", "not the run directory of a job"]),
 ]
 
 
@@ -156,3 +163,22 @@ def test_the_runs_table_keeps_each_run_on_one_line_at_80_columns(tmp_path, monke
     assert len(rows) == 3                                   # one line each
     assert "2000/1/0" in rows[0] and "0.00123" in rows[0]   # bytes per path, cost
     assert "recovery" in lines[1] and "sync asp" in lines[0]  # what differs is a column; the rest, the title
+
+
+def test_a_cuda_device_where_there_is_none_is_refused_before_anything_starts(tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this host has a CUDA device")
+    assert cli.main(["train", "--device", "cuda", "--quiet", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "train.device is cuda" in err and "no CUDA device" in err
+    assert not any(tmp_path.glob("*/events/server-*.jsonl"))  # no process was started
+
+
+def test_a_job_token_from_the_environment_is_checked(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STALWART_TOKEN", "not-hex")
+    assert cli.main(["train", "--quiet", "--out", str(tmp_path)]) == 1
+    assert "STALWART_TOKEN must be a hex string" in capsys.readouterr().err
+    monkeypatch.setenv("STALWART_TOKEN", "abcd")
+    assert cli.main(["train", "--quiet", "--out", str(tmp_path)]) == 1
+    assert "needs at least 16" in capsys.readouterr().err

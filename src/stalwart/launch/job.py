@@ -22,7 +22,7 @@ from ..layout import ParameterLayout
 from ..metrics import EventLog
 from ..metrics.progress import Progress
 from ..metrics.summary import write_summary
-from ..models import build_model
+from ..models import build_model, device_for
 from .base import LaunchError
 from .driver import Driver, JobFailed, log_exit
 from .cluster import Cluster, ClusterError
@@ -97,6 +97,7 @@ class Job:
         if not c.command:
             # Data and model once here: fills the data cache and fixes the layout that
             # every role shares, and fails early (before any process) on a bad setting.
+            device_for(c.train.device)  # (the driver's host stands for the workers' here)
             ds = load_dataset(c.data.dataset, seed=c.train.seed, samples=c.data.samples,
                               features=c.data.features, data_dir=c.data.data_dir)
             model = build_model(c.model.name, ds.input_shape, ds.num_classes, seed=c.train.seed,

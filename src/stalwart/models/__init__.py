@@ -13,4 +13,14 @@ def build_model(name, input_shape, num_classes, *, seed, hidden=256):
     return build(name, input_shape, num_classes, seed=seed, hidden=hidden)
 
 
-__all__ = ["BUILTIN", "build_model"]
+def device_for(choice: str):
+    """The torch device ``train.device`` names: cpu, cuda (refused, naming the problem,
+    where torch finds none), or auto (cuda where there is one)."""
+    import torch
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device is cuda, but torch {torch.__version__} finds no CUDA device on this "
+                         f"host; use --device cpu or auto")
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+__all__ = ["BUILTIN", "build_model", "device_for"]

@@ -20,7 +20,7 @@ import torch
 from ..config import JobConfig
 from ..data import load_dataset, shard_indices
 from ..metrics import EventLog
-from ..models import build_model
+from ..models import build_model, device_for
 from ..spec import RoleSpec, token_from_env
 from .client import JobStopping
 from .evaluator import score
@@ -40,14 +40,6 @@ class LocalWork:
     limit: int | None  # iterations to run, when the job is bounded by epochs
     x_test: torch.Tensor | None = None  # worker 0 only: its local copy is evaluated while detached
     y_test: torch.Tensor | None = None
-
-
-def device_for(choice: str) -> torch.device:
-    """``train.device``: cpu, cuda (refused clearly without one), or auto."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("train.device is cuda, but torch finds no CUDA device on this host "
-                         f"(torch {torch.__version__}); use --device cpu or auto")
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def _local_work(job: JobConfig, index: int) -> LocalWork:
