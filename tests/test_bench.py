@@ -45,3 +45,20 @@ def test_scaling_sweeps_workers_servers_and_sizes(tmp_path):
     assert all(r["mb_per_s"] > 0 and r["round_trips"] > 0 for r in result["rows"])
     plot(result, tmp_path / "scaling.png")
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
+
+
+def test_training_bench_runs_stalwart_ddp_and_a_single_process_on_the_same_work(tmp_path):
+    from stalwart.bench.training import render_markdown as training_table
+    from stalwart.bench.training import run_training
+    result = run_training(["demo"], ["stalwart/bsp", "ddp-gloo", "single"], workers=2, servers=1,
+                          duration_s=3.0, every_s=1.0, target=0.5, out=tmp_path)
+    rows = {r["system"]: r for r in result["rows"]}
+    assert set(rows) == {"stalwart/bsp", "ddp-gloo", "single"}
+    for system, row in rows.items():
+        assert "error" not in row, row
+        assert row["rounds_per_s"] > 1 and row["cpu_s_per_round"] > 0, row
+        assert row["samples_per_s"] == pytest.approx(row["rounds_per_s"] * row["workers"] * 32)
+        assert 0.0 < row["final_accuracy"] <= 1.0
+    assert rows["single"]["workers"] == 1 and rows["ddp-gloo"]["workers"] == 2
+    table = training_table(result)
+    assert table.count("| demo |") == 3 and "ddp-gloo" in table

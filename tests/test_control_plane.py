@@ -316,3 +316,32 @@ def test_a_finished_jobs_state_is_left_in_etcd_only_under_a_lease(etcd):
         held = store._get("state")
         assert int(held["lease"]) > 0 and store.load() == {"state": "shutdown"}
         store.close()
+
+
+def test_the_layout_is_fixed_by_the_first_worker_and_survives_a_restart_through_rejoins():
+    old, thread = start_coordinator(generation=1, replicas=1)
+    address = old.address
+    first, second = (CoordinatorClient(address, TOKEN, "worker", w, patience_s=5.0) for w in range(2))
+    for w in (first, second):
+        w.register()
+    bounds = first.layout(100, digest="aaaa")
+    assert bounds[0] == 0 and bounds[-1] == 100 and len(bounds) == 3
+    assert second.layout(100, digest="aaaa") == bounds                  # the same model: the same layout
+    with pytest.raises(CoordinatorError, match="has 90 parameters; the job's servers hold 100"):
+        second.layout(90, digest="aaaa")
+    with pytest.raises(CoordinatorError, match="other names or shapes"):
+        second.layout(100, digest="bbbb")
+    old.close()                  # every connection cut, as a SIGKILL would
+    old._shutdown.set()
+    thread.join(5)
+    # A coordinator restarted in memory learns the layout from the first member that rejoins.
+    new, _ = start_coordinator(generation=2, address=split_address(address), replicas=1)
+    try:
+        assert new.layout is None
+        first.call("heartbeat", role="worker", index=0)  # dials again: a rejoin that carries the layout
+        assert new.layout["bounds"] == bounds and new.layout["digest"] == "aaaa"
+    finally:
+        for w in (first, second):
+            w.close()
+        new.close()
+        new._shutdown.set()

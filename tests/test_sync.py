@@ -280,6 +280,25 @@ def test_a_worker_joining_ssp_resumes_after_its_last_clock():
     assert ssp.join(1) == 5 and 1 in ssp.active
 
 
+@pytest.mark.parametrize("spec", ["ssp:1", "asp", "dssp:1:2"])
+def test_a_newcomer_starts_from_the_slowest_clock_and_nobody_waits_for_it(spec):
+    policy = parse_policy(spec)(2, 4)
+    for clock in range(10):
+        policy.on_push(0, clock, g(1))
+        policy.on_push(1, clock, g(1))
+    assert policy.join(2) == 10                       # a worker the job did not start with
+    assert policy.may_proceed(0, 10) and policy.may_proceed(1, 10)
+    policy.leave(1)                                   # a leaver's old slot, taken again
+    assert policy.join(1) == 10
+
+
+def test_one_of_the_first_workers_starting_late_begins_at_clock_0():
+    asp = parse_policy("asp")(2, 4)
+    for clock in range(5):
+        asp.on_push(0, clock, g(1))
+    assert asp.join(1) == 0                           # waited for from the start: no jump
+
+
 @pytest.mark.parametrize("spec", ["bsp", "asp", "ssp:2", "dssp:1:2", "elastic:4", "elastic:4:5"])
 def test_policy_state_survives_a_chain_state_transfer(spec):
     # Through the very bytes a STATE frame carries: every attribute of the policy must come

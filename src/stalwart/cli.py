@@ -421,6 +421,47 @@ def bench_anchors(
     print(json.dumps(result, indent=1) if as_json else table)  # plain: a markdown table must not wrap
 
 
+@bench_app.command("training")
+def bench_training(
+    workload: list[str] = typer.Option(["demo"], "--workload", help="demo (MNIST-1D, 1-D CNN) | paper (papercnn on FashionMNIST)"),
+    system: list[str] = typer.Option(["stalwart/bsp", "stalwart/asp", "ddp-gloo", "single"], "--system",
+                                     help="stalwart/POLICY | ddp-gloo | single (repeatable)"),
+    workers: int = typer.Option(4, min=1, max=64, help="worker processes (stalwart and DDP)"),
+    servers: int = typer.Option(2, min=1, max=16, help="stalwart's servers"),
+    duration: float = typer.Option(20.0, min=1.0, help="seconds of training per system"),
+    eval_every: float = typer.Option(1.0, min=0.1, help="seconds between evaluations"),
+    target: float = typer.Option(0.9, min=0.01, max=1.0, help="the accuracy whose time is reported"),
+    out: Path = typer.Option(Path("experiments/training"), help="folder for results.json, results.md, runs/"),
+    as_json: bool = typer.Option(False, "--json", help="print the rows as JSON instead of the table"),
+) -> None:
+    """Training speed of stalwart against DDP over gloo and a single process, on the same work."""
+    from .bench import training
+    from .sync import parse_policy
+
+    for name in workload:
+        if name not in training.WORKLOADS:
+            _fail(f"unknown workload {name!r}; choose one of {sorted(training.WORKLOADS)}")
+        if (why := training.workload_missing(name)) is not None:
+            _fail(why)
+    for name in system:
+        if name.startswith("stalwart/"):
+            try:
+                parse_policy(name.split("/", 1)[1])
+            except ValueError as exc:
+                _fail(f"--system {name!r}: {exc}")
+        elif name not in ("ddp-gloo", "single"):
+            _fail(f"unknown system {name!r}; choose stalwart/POLICY, ddp-gloo or single")
+    _writable_dir(out, "--out")
+    result = training.run_training(workload, system, workers, servers, duration, eval_every, target, out,
+                                   progress=None if as_json else lambda line: console.print(line, highlight=False))
+    training.write(result, out)
+    if as_json:
+        print(json.dumps(result["rows"], indent=1))
+        return
+    print(training.render_markdown(result))
+    console.print(f"results: {out}/results.md, {out}/results.json")
+
+
 @bench_app.command("scaling")
 def bench_scaling(
     params: str = typer.Option("10M", "--params", "-p", help="model size of the workers x servers sweep"),

@@ -60,5 +60,11 @@ class ParameterLayout:
         b = self.shard_bounds(shards)
         return [b[i + 1] - b[i] for i in range(shards)]
 
+    def digest(self) -> str:
+        """A fingerprint of the names and shapes: two models with it are laid out alike."""
+        import hashlib
+        text = ";".join(f"{e.name}:{'x'.join(map(str, e.shape))}" for e in self.entries)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def to_json(self) -> list[dict]:
         return [{"name": e.name, "shape": list(e.shape), "offset": e.offset} for e in self.entries]

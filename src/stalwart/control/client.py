@@ -194,17 +194,17 @@ class CoordinatorClient:
                 raise CoordinatorError(f"no complete shard map within {timeout_s}s "
                                        f"(job state {reply['state']})")
 
-    def layout(self, total: int | None = None, timeout_s: float = 60.0) -> list[int]:
+    def layout(self, total: int | None = None, timeout_s: float = 60.0, digest: str | None = None) -> list[int]:
         """The job's shard bounds: proposed from this worker's model (``total``, its
         parameter count; refused if the job holds another model), or waited for (a
         server). Once known, the layout travels in this member's rejoins."""
         deadline = time.monotonic() + timeout_s
         while True:
             left = max(0.0, deadline - time.monotonic())
-            reply = self.call("layout", patience_s=left, total=total, wait_s=min(5.0, left),
+            reply = self.call("layout", patience_s=left, total=total, wait_s=min(5.0, left), digest=digest,
                               worker=self.index if total is not None else None)
             if reply["ready"]:
-                self.known_layout = {k: reply[k] for k in ("total", "bounds", "source")}
+                self.known_layout = {k: reply.get(k) for k in ("total", "bounds", "source", "digest")}
                 return list(reply["bounds"])
             if reply["state"] != "running" or time.monotonic() >= deadline:
                 raise CoordinatorError(f"no parameter layout within {timeout_s:g}s: no worker has brought "

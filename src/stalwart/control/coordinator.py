@@ -260,9 +260,11 @@ class Coordinator(FrameService):
         total, bounds = int(layout["total"]), [int(b) for b in layout["bounds"]]
         if len(bounds) != self.servers + 1 or bounds[0] != 0 or bounds[-1] != total or bounds != sorted(bounds):
             raise ValueError(f"layout bounds {bounds} do not cut {total} parameters into {self.servers} shards")
-        return {"total": total, "bounds": bounds, "source": str(layout.get("source", "rejoin"))}
+        return {"total": total, "bounds": bounds, "source": str(layout.get("source", "rejoin")),
+                "digest": layout.get("digest")}
 
-    def op_layout(self, total: int | None = None, worker: int | None = None, wait_s: float = 0.0) -> dict:
+    def op_layout(self, total: int | None = None, worker: int | None = None, wait_s: float = 0.0,
+                  digest: str | None = None) -> dict:
         """The job's parameter layout. A worker proposes its model's parameter count
         (``total``): the first proposal fixes the layout, a different count later is
         refused. Without ``total`` (a server) it waits up to ``wait_s`` for one."""
@@ -275,7 +277,7 @@ class Coordinator(FrameService):
                         bounds = ParameterLayout([("model", (total,))]).shard_bounds(self.servers)
                     except ValueError as exc:
                         return {"error": str(exc)}
-                    self.layout = {"total": total, "bounds": bounds, "source": f"worker {worker}"}
+                    self.layout = {"total": total, "bounds": bounds, "source": f"worker {worker}", "digest": digest}
                     self._changed()
                     self._cond.notify_all()
                     self.log.emit("layout", total=total, bounds=bounds, source=self.layout["source"])
@@ -283,6 +285,10 @@ class Coordinator(FrameService):
                     return {"error": f"this worker's model has {total} parameters; the job's servers hold "
                                      f"{self.layout['total']} (the model of {self.layout['source']}): every "
                                      f"worker must train the same model"}
+                elif None not in (digest, self.layout.get("digest")) and digest != self.layout["digest"]:
+                    return {"error": f"this worker's model has the job's {total} parameters, but under other names "
+                                     f"or shapes than the model of {self.layout['source']}: every worker must train "
+                                     f"the same model"}
                 return {"ready": True, "state": self.state, "epoch": self.epoch, **self.layout}
         deadline = time.monotonic() + min(float(wait_s), 60.0)
         with self._cond:

@@ -198,7 +198,7 @@ class Driver:
         layout = self._control("layout")
         if layout["ready"]:  # else no worker brought a model: there is nothing to record
             (Path(self.logs_dir).parent / "layout.json").write_text(json.dumps(
-                {k: layout[k] for k in ("total", "bounds", "source")}, indent=1))
+                {k: layout.get(k) for k in ("total", "bounds", "source", "digest")}, indent=1))
 
     def _inject(self, elapsed_s: float) -> None:
         if not self.injector.rules:

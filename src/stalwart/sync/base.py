@@ -66,12 +66,16 @@ class SyncPolicy(ABC):
     def join(self, worker: int) -> int:
         """``worker`` (re)joins the job: wait for it again; returns the clock it pushes next.
 
-        A newcomer (or a worker back after a restart) continues from the slowest other
-        active worker's clock, never behind it, so that no bound on how far workers may
-        run apart makes the others wait while it catches up."""
+        A worker that was not being waited for (a newcomer, or one back after it left or
+        was lost) continues from the slowest other active worker's clock, never behind
+        it, so that no bound on how far workers may run apart makes the others wait while
+        it catches up. One of the job's first workers, waited for from the start,
+        begins where it is: at clock 0."""
+        waited_for = worker in self.active
         others = [self.clocks.get(w, -1) for w in self.active if w != worker]
         self.active.add(worker)
-        start = max(self.clocks.get(worker, -1), min(others, default=-1)) + 1
+        own = self.clocks.get(worker, -1)
+        start = own + 1 if waited_for else max(own, min(others, default=-1)) + 1
         if start > 0:
             self.clocks[worker] = start - 1  # as if it had pushed up to there
         return start

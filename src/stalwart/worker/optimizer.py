@@ -100,7 +100,8 @@ class ParameterServerOptimizer:
             token = bytes.fromhex(token) if isinstance(token, str) else token
             control = CoordinatorClient(coordinator, token, "client", worker)
             try:
-                bounds = control.layout(ParameterLayout.from_module(model).total, timeout_s)
+                layout = ParameterLayout.from_module(model)
+                bounds = control.layout(layout.total, timeout_s, digest=layout.digest())
                 shards = control.shard_map(timeout_s)
             finally:
                 control.close()

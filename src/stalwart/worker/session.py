@@ -153,10 +153,10 @@ class WorkerSession:
     # --- the servers ------------------------------------------------------------------
     def bounds(self, model: torch.nn.Module) -> list[int]:
         """The job's shard bounds, checked against (or fixed by) this worker's model."""
-        total = ParameterLayout.from_module(model).total
-        if self.spec.bounds and self.spec.bounds[-1] == total:
+        layout = ParameterLayout.from_module(model)
+        if self.spec.bounds and self.spec.bounds[-1] == layout.total:
             return self.spec.bounds
-        return self.control.layout(total, timeout_s=self.job.control.patience_s)
+        return self.control.layout(layout.total, timeout_s=self.job.control.patience_s, digest=layout.digest())
 
     def connect(self, model: torch.nn.Module, buffer_size: int = 0) -> tuple[ParameterClient, TrainThrough | None]:
         """A client of every shard, with the failover (and, for stateless servers, the

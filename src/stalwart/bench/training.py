@@ -1,0 +1,237 @@
+"""``stalwart bench training``: training speed against what a user would pick instead.
+
+On one workload, for the same training time, it runs:
+
+* **stalwart** under each sync policy asked for (BSP and ASP by default): a real job,
+  coordinator, servers and worker processes, with its evaluator in the driver;
+* **DDP over gloo** (``torch.nn.parallel.DistributedDataParallel`` through
+  ``torch.distributed``, what a user would pick instead): the same number of worker
+  processes, the same model, initial weights, data shares, batch and SGD rule (DDP
+  averages the gradients, as BSP does), rank 0 scoring the model at the same cadence;
+* **one process**: the same loop alone, batch ``batch``.
+
+Every process computes with one thread, as stalwart's workers do. Rows give
+``rounds_per_s`` (rounds of one batch from every worker: a BSP update, a DDP step; for
+ASP, pushes over workers; alone, steps), ``samples_per_s``, ``time_to_target_s``
+(training start to the first evaluation at or above the target; the evaluations' own
+time is part of the clock, for every system), the final accuracy and
+``cpu_s_per_round`` (every process's CPU seconds over the rounds: stalwart's roles,
+the evaluator not included; DDP's ranks, rank 0's evaluation included).
+
+Workloads: ``demo`` (MNIST-1D, the 1-D CNN, batch 32: ``make demo``'s) and ``paper``
+(the seed paper's CNN on FashionMNIST, from Debian's ``dataset-fashion-mnist`` files;
+named when they are missing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..transport.base import free_port
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    dataset: str
+    model: str
+    batch: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    data_dir: str | None = None
+    hidden: int = 256
+
+
+WORKLOADS = {
+    "demo": Workload("demo", "mnist1d", "cnn1d"),
+    "paper": Workload("paper", "fashion-mnist", "papercnn", lr=0.01, data_dir=str(FASHION_DIR)),
+}
+SYSTEMS = ("stalwart/bsp", "stalwart/asp", "ddp-gloo", "single")
+
+
+def _data(work: Workload, seed: int):
+    from ..data import load_dataset
+    return load_dataset(work.dataset, seed=seed, data_dir=Path(work.data_dir) if work.data_dir else None)
+
+
+def _loop(work: Workload, seed: int, rank: int, workers: int, duration_s: float, every_s: float, target: float,
+          ddp: bool) -> dict:
+    """One training process: alone, or rank ``rank`` of a DDP group already set up."""
+    import torch
+
+    from ..data import shard_indices
+    from ..models import build_model
+    from ..worker.evaluator import score
+
+    torch.set_num_threads(1)
+    ds = _data(work, seed)
+    mine = shard_indices(len(ds.y_train), workers, rank, seed)
+    x, y = torch.from_numpy(ds.x_train[mine]), torch.from_numpy(ds.y_train[mine])
+    model = build_model(work.model, ds.input_shape, ds.num_classes, seed=seed, hidden=work.hidden)
+    net = model
+    if ddp:
+        import torch.distributed as dist
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(net.parameters(), lr=work.lr, momentum=work.momentum)
+    x_test, y_test = torch.from_numpy(ds.x_test), torch.from_numpy(ds.y_test)
+    rng = np.random.default_rng([seed, rank])
+    batch = min(work.batch, len(y))
+    per_epoch = len(y) // batch
+    order, steps, curve = rng.permutation(len(y)), 0, []
+    loss_fn = torch.nn.CrossEntropyLoss()
+    if ddp:
+        dist.barrier()
+    cpu0, start = time.process_time(), time.monotonic()
+    next_eval = start + every_s
+    while True:
+        pos = (steps % per_epoch) * batch
+        if pos == 0 and steps:
+            order = rng.permutation(len(y))
+        take = order[pos:pos + batch]
+        opt.zero_grad()
+        loss_fn(net(x[take]), y[take]).backward()
+        opt.step()
+        steps += 1
+        now = time.monotonic()
+        if rank == 0 and now >= next_eval:
+            curve.append((now - start, score(model, x_test, y_test)["accuracy"]))
+            next_eval += every_s
+        done = now - start >= duration_s
+        if ddp and steps % 10 == 0:  # every rank stops at the same step, or the others hang
+            flag = torch.tensor([float(done)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            done = bool(flag.item())
+        elif ddp:
+            done = False
+        if done:
+            break
+    elapsed = time.monotonic() - start
+    final = score(model, x_test, y_test)["accuracy"] if rank == 0 else None
+    reached = next((t for t, a in curve if a >= target), None)
+    return {"steps": steps, "elapsed_s": elapsed, "cpu_s": time.process_time() - cpu0, "final_accuracy": final,
+            "time_to_target_s": reached}
+
+
+def _ddp_rank(rank: int, workers: int, port: int, out: str, args: tuple) -> None:
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=workers)
+    try:
+        result = _loop(*args[:2], rank, workers, *args[2:], ddp=True)
+        Path(out, f"rank-{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_ddp(work: Workload, workers: int, duration_s: float, every_s: float, target: float, seed: int = 0) -> dict:
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_ddp_rank, args=(workers, free_port(), out, (work, seed, duration_s, every_s, target)),
+                           nprocs=workers, join=True, start_method="spawn")
+        ranks = [json.loads(Path(out, f"rank-{r}.json").read_text()) for r in range(workers)]
+    steps, elapsed = ranks[0]["steps"], ranks[0]["elapsed_s"]
+    return _row("ddp-gloo", work, workers, steps / elapsed, ranks[0]["time_to_target_s"],
+                ranks[0]["final_accuracy"], sum(r["cpu_s"] for r in ranks) / steps)
+
+
+def measure_single(work: Workload, duration_s: float, every_s: float, target: float, seed: int = 0) -> dict:
+    r = _loop(work, seed, 0, 1, duration_s, every_s, target, ddp=False)
+    return _row("single", work, 1, r["steps"] / r["elapsed_s"], r["time_to_target_s"], r["final_accuracy"],
+                r["cpu_s"] / r["steps"])
+
+
+def measure_stalwart(work: Workload, policy: str, workers: int, servers: int, duration_s: float, every_s: float,
+                     target: float, out: Path, seed: int = 0) -> dict:
+    from ..config import JobConfig
+    from ..launch import Job
+    config = JobConfig.validate_dict({
+        "cluster": {"workers": workers, "servers": servers}, "sync": {"policy": policy},
+        "data": {"dataset": work.dataset, "batch_size": work.batch, "data_dir": work.data_dir},
+        "model": {"name": work.model, "hidden": work.hidden},
+        "optimizer": {"name": "sgd", "lr": work.lr, "momentum": work.momentum},
+        "train": {"duration_s": duration_s, "eval_interval_s": every_s, "target_accuracy": target, "seed": seed},
+        "out": str(out), "progress": False})
+    s = Job(config).run()
+    train_s = s["train_s"] or duration_s
+    rounds = s["worker_iterations"] / workers  # a round: one batch from every worker
+    return _row(f"stalwart/{policy}", work, workers, rounds / train_s, s["time_to_target_s"], s["final_accuracy"],
+                (s["cpu_s"] or 0.0) / max(rounds, 1), run_dir=s["run_dir"])
+
+
+def _row(system: str, work: Workload, workers: int, rounds_per_s: float, to_target: float | None,
+         final: float | None, cpu_per_round: float, **extra) -> dict:
+    return {"system": system, "workload": work.name, "workers": workers, "rounds_per_s": rounds_per_s,
+            "samples_per_s": rounds_per_s * workers * work.batch, "time_to_target_s": to_target,
+            "final_accuracy": final, "cpu_s_per_round": cpu_per_round, **extra}
+
+
+def workload_missing(name: str) -> str | None:
+    """Why a workload cannot run here (its data files are missing), or None."""
+    if name == "paper" and not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists() \
+            and not (FASHION_DIR / "train-images-idx3-ubyte").exists():
+        return (f"the paper workload needs FashionMNIST in {FASHION_DIR}: install Debian's "
+                f"dataset-fashion-mnist package")
+    return None
+
+
+def run_training(workloads: list[str], systems: list[str], workers: int, servers: int, duration_s: float,
+                 every_s: float, target: float, out: Path, progress: Callable[[str], None] | None = None) -> dict:
+    say = progress or (lambda _line: None)
+    rows = []
+    for name in workloads:
+        work = WORKLOADS[name]
+        for system in systems:
+            try:
+                if system.startswith("stalwart/"):
+                    row = measure_stalwart(work, system.split("/", 1)[1], workers, servers, duration_s, every_s,
+                                           target, out / "runs")
+                elif system == "ddp-gloo":
+                    row = measure_ddp(work, workers, duration_s, every_s, target)
+                else:
+                    row = measure_single(work, duration_s, every_s, target)
+            except Exception as exc:  # noqa: BLE001: one failing system must not lose the others' rows
+                row = {"system": system, "workload": name, "workers": workers, "error": f"{type(exc).__name__}: {exc}",
+                       "traceback": traceback.format_exc(limit=3)}
+                say(f"  {name:<6} {system:<14} failed: {row['error']}")
+            else:
+                say(f"  {name:<6} {system:<14} {row['rounds_per_s']:7.1f} rounds/s  "
+                    f"to {target:g}: {_s(row['time_to_target_s'])}  final {row['final_accuracy']:.3f}")
+            rows.append(row)
+    return {"workers": workers, "servers": servers, "duration_s": duration_s, "eval_every_s": every_s,
+            "target": target, "rows": rows}
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} s"
+
+
+def render_markdown(result: dict) -> str:
+    lines = [f"{result['workers']} workers ({result['servers']} servers for stalwart), "
+             f"{result['duration_s']:g} s of training each, evaluation every {result['eval_every_s']:g} s, "
+             f"target {result['target']:g}, one run each:\n",
+             "| workload | system | rounds/s | samples/s | time to target | final accuracy | CPU s per round |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['workload']} | {r['system']} | failed: {r['error']} | | | | |")
+            continue
+        lines.append(f"| {r['workload']} | {r['system']} | {r['rounds_per_s']:.1f} | {r['samples_per_s']:.0f} | "
+                     f"{_s(r['time_to_target_s'])} | {r['final_accuracy']:.3f} | {r['cpu_s_per_round'] * 1000:.1f} ms |")
+    return "\n".join(lines) + "\n"
+
+
+def write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.md").write_text(render_markdown(result))
