@@ -62,3 +62,10 @@ def test_training_bench_runs_stalwart_ddp_and_a_single_process_on_the_same_work(
     assert rows["single"]["workers"] == 1 and rows["ddp-gloo"]["workers"] == 2
     table = training_table(result)
     assert table.count("| demo |") == 3 and "ddp-gloo" in table
+
+
+def test_the_paper_workload_names_the_debian_package_when_its_files_are_missing(tmp_path, monkeypatch):
+    from stalwart.bench import training
+    monkeypatch.setattr(training, "FASHION_DIR", tmp_path)
+    assert "dataset-fashion-mnist" in training.workload_missing("paper")
+    assert training.workload_missing("demo") is None

@@ -125,11 +125,12 @@ class ParameterServerOptimizer:
         return versions
 
     def _start(self) -> bool:
-        """Offer the initial weights and pull; True if the servers had trained already."""
+        """Offer the initial weights and pull; True if this worker comes into a job under
+        way (the servers give it a clock past 0: it joined, or came back)."""
         self.clock = self.client.init(self.flat.params_np)
         self.version = min(self._pull())
         self._started = True
-        return self.version > 0
+        return self.clock > 0
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         self.flat.zero_grad()
