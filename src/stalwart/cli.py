@@ -227,7 +227,7 @@ def _join_job(run_dir: Path, command: list[str], options: dict) -> None:
     """COMMAND as one more worker of the running job in ``run_dir``; exits with its status."""
     import subprocess
 
-    from .spec import SPEC_ENV, TOKEN_ENV, WORKER_ENV, job_token
+    from .spec import job_token, worker_env
     from .worker.session import NotInJob, WorkerSession, reserve_worker_slot
 
     if given := [k for k, v in options.items() if v not in (None, False)]:
@@ -237,7 +237,7 @@ def _join_job(run_dir: Path, command: list[str], options: dict) -> None:
         index = reserve_worker_slot(spec, token)
     except (NotInJob, ValueError) as exc:
         _fail(str(exc))
-    env = {**os.environ, SPEC_ENV: str(run_dir.resolve() / "spec.json"), WORKER_ENV: str(index), TOKEN_ENV: token.hex()}
+    env = {**os.environ, **worker_env(run_dir / "spec.json", index, token)}
     console.print(f"joining {run_dir} as worker {index}: {' '.join(command)}")
     try:
         code = subprocess.call(command, env=env)

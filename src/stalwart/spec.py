@@ -46,6 +46,12 @@ class RoleSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 
+def worker_env(spec_path: str | Path, index: int, token: bytes | None = None) -> dict[str, str]:
+    """What a script's worker process finds its job by: the spec, its index (and the token)."""
+    env = {SPEC_ENV: str(Path(spec_path).resolve()), WORKER_ENV: str(index)}
+    return {**env, TOKEN_ENV: token.hex()} if token is not None else env
+
+
 def job_token(required: bool = True) -> bytes | None:
     """The job token the environment holds, checked; None if it holds none (and none is
     ``required``). A user sets it to share one job between commands (``--join``)."""

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .base import Exit, LaunchError, Launcher, RoleKey
 from ..control.store import INCARNATION_ENV
-from ..spec import HOST_ENV, LISTEN_FD_ENV, SPEC_ENV, WORKER_ENV, RoleSpec
+from ..spec import HOST_ENV, LISTEN_FD_ENV, RoleSpec, worker_env
 
 _PR_SET_PDEATHSIG = 1
 
@@ -94,7 +94,7 @@ class LocalLauncher(Launcher):
         if role == "worker" and self.command:
             cwd = self.workdir
             argv = list(self.command)
-            env = {**env, SPEC_ENV: str(self.spec_path), WORKER_ENV: str(index)}
+            env = {**env, **worker_env(self.spec_path, index)}
             errors = open(self.run_dir / "logs" / f"{role}-{index}.err", "ab")
         if role == "coordinator":
             if index not in self._coordinator_sockets and index in self._coordinator_addresses:

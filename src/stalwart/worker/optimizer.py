@@ -32,7 +32,8 @@ How it works, and why:
   local.
 * **The layout.** The servers learn the length of the parameter vector from the first
   worker that joins (for a script; a built-in model's is fixed beforehand); a worker
-  whose model has another parameter count is refused with both counts named.
+  whose model has another parameter count is refused with both counts named, one with
+  the same count under other names or shapes by a digest of them.
 * **The update rule lives on the servers.** Learning rate, momentum and Adam's moments
   are server state (they must survive a worker and be shared by all workers), so this
   object has no ``param_groups`` to tune: configure the job's optimizer instead.
@@ -42,9 +43,9 @@ How it works, and why:
   The same loop runs under every policy.
 * **One starting point.** The first ``step()`` offers this worker's initial weights to
   every shard and then pulls; a shard keeps the first offer it receives, so all workers
-  start from identical weights even if their seeds differ. A worker that finds the
-  servers trained already (it joined a running job, or restarted) does not push the
-  gradient it computed on its own initial weights: that first step only pulls.
+  start from identical weights even if their seeds differ. A worker that comes into a
+  job under way (the servers give it a clock past 0: it joined, or came back) does not
+  push the gradient it computed on its own initial weights: that first step only pulls.
 * **Surviving servers and restarts.** With a recovery strategy, a shard whose server
   died is found again through the coordinator and redialled with backoff inside
   ``step()`` (see :class:`~stalwart.worker.client.ParameterClient`); a worker process

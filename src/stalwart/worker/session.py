@@ -43,7 +43,7 @@ from ..faults import Straggler, parse_straggler
 from ..layout import ParameterLayout
 from ..metrics import EventLog
 from ..optim import optimizer_from_config
-from ..spec import SPEC_ENV, TOKEN_ENV, WORKER_ENV, RoleSpec, job_token, token_from_env
+from ..spec import SPEC_ENV, TOKEN_ENV, WORKER_ENV, RoleSpec, job_token, token_from_env, worker_env
 from .client import JobStopping, ParameterClient
 from .failover import Detach, NoFailover, Reconnect
 from .trainthrough import TrainThrough
@@ -136,8 +136,7 @@ class WorkerSession:
         except ValueError as exc:
             raise NotInJob(str(exc)) from None
         index = reserve_worker_slot(spec, token)
-        os.environ.update({SPEC_ENV: str(Path(run_dir) / "spec.json"), WORKER_ENV: str(index),
-                           TOKEN_ENV: token.hex()})
+        os.environ.update(worker_env(Path(run_dir) / "spec.json", index, token))
         return cls.from_env()
 
     @staticmethod
