@@ -22,7 +22,9 @@ def small_job(run_root, sync, **extra):
 
 @pytest.mark.parametrize("sync", ["bsp", "asp"])
 def test_short_run_learns(run_root, sync, tmp_path):
-    summary = Job(small_job(run_root, sync, tensorboard=str(tmp_path / "tb"))).run()
+    config = small_job(run_root, sync, tensorboard=str(tmp_path / "tb"))
+    config.train.eval_subset = 100  # periodic passes score 100 examples; the final one all 800
+    summary = Job(config).run()
     assert summary["status"] == "completed"
     assert summary["final_accuracy"] > 0.5, summary  # chance is 0.1
     assert summary["time_to_target_s"] is not None
@@ -43,6 +45,12 @@ def test_short_run_learns(run_root, sync, tmp_path):
         "driver-0.jsonl", "coordinator-0.jsonl", "server-0.jsonl", "server-1.jsonl",
         "worker-0.jsonl", "worker-1.jsonl"}
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    passes = events(run_dir, "eval")
+    assert {e["examples"] for e in passes if not e.get("final")} == {100}
+    assert [e["examples"] for e in passes if e.get("final")] == [800]
+    # what watching cost is counted, and is a share of the job's CPU, not all of it
+    assert summary["eval_passes"] == len(passes) and summary["eval_cpu_s"] > 0
+    assert 0 < summary["eval_cpu_share"] < 0.5, summary["eval_cpu_share"]
 
 
 @pytest.mark.parametrize("sync", ["ssp:2", "dssp:1:3", "elastic:8"])

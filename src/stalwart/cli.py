@@ -96,6 +96,9 @@ def train(
     epochs: Optional[float] = typer.Option(None, help="epochs over each worker's shard"),
     target_accuracy: Optional[float] = typer.Option(None, help="report the time to reach this test accuracy"),
     stop_at_target: Optional[bool] = typer.Option(None, help="stop once the target accuracy is reached"),
+    eval_every: Optional[float] = typer.Option(None, help="seconds between the evaluator's test passes (default 1)"),
+    eval_subset: Optional[int] = typer.Option(
+        None, help="test examples each periodic pass scores (a fixed seeded draw; default all; the final pass scores all)"),
     seed: Optional[int] = typer.Option(None, help="seed of data, initial weights and shuffling"),
     device: Optional[str] = typer.Option(None, help="where workers compute: cpu | cuda | auto"),
     recovery: Optional[str] = typer.Option(
@@ -151,7 +154,8 @@ OPTION_FIELDS = {
     "batch_size": "data.batch_size", "model": "model.name", "optimizer": "optimizer.name",
     "lr": "optimizer.lr", "momentum": "optimizer.momentum", "duration": "train.duration_s",
     "epochs": "train.epochs", "target_accuracy": "train.target_accuracy",
-    "stop_at_target": "train.stop_at_target", "seed": "train.seed", "device": "train.device",
+    "stop_at_target": "train.stop_at_target",
+    "eval_every": "train.eval_interval_s", "eval_subset": "train.eval_subset", "seed": "train.seed", "device": "train.device",
     "buffers": "train.buffers", "buffer_every": "train.buffer_every", "straggler": "faults.stragglers",
     "kill": "faults.kills", "down": "faults.down_s", "recovery": "recovery.strategy",
     "checkpoint_every": "recovery.every_updates", "replicas": "recovery.replicas", "chain_mode": "recovery.mode",

@@ -139,7 +139,10 @@ class TrainConfig(_Section):
     epochs: float | None = Field(None, gt=0)
     target_accuracy: float | None = Field(0.9, gt=0, le=1)
     stop_at_target: bool = False
-    eval_interval_s: float = Field(1.0, gt=0)
+    eval_interval_s: float = Field(1.0, gt=0, description="seconds between the evaluator's test passes")
+    # Test examples each periodic pass scores (a fixed seeded draw; None: all of them).
+    # The final pass always scores the whole test set.
+    eval_subset: int | None = Field(None, ge=1, le=10_000_000)
     seed: int = 0
     log_every: int = Field(10, ge=1, description="worker iterations between loss events")
     # Where a built-in worker computes: cpu, cuda, or auto (cuda where there is one).

@@ -83,7 +83,8 @@ class Driver:
             # torch, which the driver alone needs: every role process imports this package
             # (its entry point lives here), and servers must start without it.
             from ..worker.evaluator import Evaluator
-            self.evaluator = Evaluator(model, ds.x_test, ds.y_test, self.client)
+            self.evaluator = Evaluator(model, ds.x_test, ds.y_test, self.client,
+                                       subset=config.train.eval_subset, seed=config.train.seed)
         # A script's workers write their own metrics there (stalwart.log).
         self.tensorboard = TensorBoardSink(config.tensorboard) \
             if config.tensorboard is not None and not self.script else None
@@ -219,7 +220,7 @@ class Driver:
             return f"duration of {t.duration_s:g}s reached" \
                 if not final and t.duration_s is not None and elapsed >= t.duration_s else None
         try:
-            result = self.evaluator.evaluate()
+            result = self.evaluator.evaluate(full=final)
         except (ConnectionError, OSError, ServerError) as exc:
             elapsed = time.monotonic() - t_start
             self.log.emit("eval_skipped", elapsed_s=elapsed, reason=str(exc), **({"final": True} if final else {}))

@@ -87,6 +87,17 @@ def _resources(events: list[dict]) -> dict[str, float | None]:
             "sum_rss_mb": sum(e["max_rss_mb"] for e in exits)}
 
 
+def _evaluator(events: list[dict], roles_cpu_s: float | None) -> dict[str, float | None]:
+    """What watching the job cost: the evaluator's CPU seconds (the driver's test
+    passes), and their share of all the CPU the job's processes and the evaluator used."""
+    passes = [e["cpu_s"] for e in events if e["event"] == "eval" and e.get("cpu_s") is not None]
+    if not passes:
+        return {"eval_passes": 0, "eval_cpu_s": None, "eval_cpu_share": None}
+    spent = sum(passes)
+    total = spent + (roles_cpu_s or 0.0)
+    return {"eval_passes": len(passes), "eval_cpu_s": spent, "eval_cpu_share": spent / total if total > 0 else None}
+
+
 def _stateless(events: list[dict]) -> dict[str, Any]:
     """Training through outages: compute done meanwhile, and what was flushed back."""
     stops = [e for e in events if e["event"] == "worker_stop"]
@@ -250,6 +261,7 @@ def _summarize(run_dir: Path, config: dict, events: list[dict], rates: CostRates
     for kill in kills:
         kill.update(_accuracy_around(curve, kill))
     staleness = sum(s.get("staleness_sum", 0) for s in servers.values())
+    resources = _resources(events)
     return {
         "run_dir": str(run_dir),
         "workers": len(ran),
@@ -287,7 +299,8 @@ def _summarize(run_dir: Path, config: dict, events: list[dict], rates: CostRates
         "kills": kills,
         "lost_updates": lost_updates,
         **_stateless(events),
-        **_resources(events),
+        **resources,
+        **_evaluator(events, resources["cpu_s"]),
         **_cost(events, rates, time_to_target, train_s),
         **_rounds(servers),
         **_barrier_accuracy(barriers),

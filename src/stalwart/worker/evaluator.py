@@ -1,8 +1,17 @@
 """Test accuracy: of the model the servers hold (:class:`Evaluator`, an observer
 client that pulls it), or of a model at hand (:func:`score`: a stateless worker's own
-copy while its server is down)."""
+copy while its server is down).
+
+The evaluator shares the machine with the job it watches: on two cores a full test pass
+every second takes CPU from the workers. So it runs on one thread, its periodic passes
+may use a fixed, seeded subset of the test set (``train.eval_subset``; the final pass
+always uses all of it), and it counts the CPU seconds it spent (``cpu_s`` on each
+``eval`` event), which the summary reports as its share of the job's CPU.
+"""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
@@ -27,14 +36,29 @@ def score(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int =
 
 
 class Evaluator:
+    """Scores the servers' model. ``subset`` (examples, None for all) is what periodic
+    passes score: the same seeded draw every time, so successive points compare."""
+
     def __init__(self, model: torch.nn.Module, x_test: np.ndarray, y_test: np.ndarray,
-                 client: ParameterClient, batch: int = 2048):
+                 client: ParameterClient, batch: int = 2048, subset: int | None = None, seed: int = 0):
+        # One thread: the driver's process is not a role, but its cores are the workers'.
+        torch.set_num_threads(1)
         self.model, self.client, self.batch = model, client, batch
         self.flat = FlatModel(model)
         self.x = torch.from_numpy(x_test)
         self.y = torch.from_numpy(y_test)
+        if subset is not None and subset < len(y_test):
+            pick = np.sort(np.random.default_rng(seed).choice(len(y_test), subset, replace=False))
+            self.x_part, self.y_part = self.x[pick], self.y[pick]
+        else:
+            self.x_part, self.y_part = self.x, self.y
 
-    def evaluate(self) -> dict:
+    def evaluate(self, full: bool = True) -> dict:
+        """Pull the servers' model and score it on the whole test set, or (``full``
+        False) on the subset; ``cpu_s`` is this thread's CPU time for the pass."""
+        start = time.thread_time()
         versions = self.client.pull(self.flat.params_np, wait=False)
         self.flat.scatter()
-        return {"version": min(versions), **score(self.model, self.x, self.y, self.batch)}
+        x, y = (self.x, self.y) if full else (self.x_part, self.y_part)
+        result = score(self.model, x, y, self.batch)
+        return {"version": min(versions), **result, "examples": len(y), "cpu_s": time.thread_time() - start}
