@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from stalwart.transport import Frame, Kind, ProtocolError, dial, get_transport, server_handshake
 from stalwart.transport import shm
+from stalwart.transport.base import Borrow
 
 TOKEN = secrets.token_bytes(32)
 LIMIT = 64 << 20
@@ -94,9 +95,36 @@ def test_a_slot_still_in_use_sends_inline_and_a_larger_payload_grows_the_segment
     np.testing.assert_array_equal(np.frombuffer(server.recv().payload, np.float32), big)
 
 
+def test_a_borrowed_payload_is_read_in_place_and_its_slot_freed_by_the_next_recv(pair):
+    client, server = pair()
+    grad = np.arange(500_000, dtype=np.float32)
+    fallback = np.zeros_like(grad)
+    client.send(Frame(Kind.PUSH), memoryview(grad))
+    frame = server.recv(lambda f: Borrow(memoryview(fallback).cast("B")))
+    view = np.frombuffer(frame.payload, np.float32)
+    np.testing.assert_array_equal(view, grad)
+    assert not fallback.any()                                 # no copy was made
+    assert not view.flags.writeable                           # the sender's memory, read-only here
+    # Until the server reads its next frame the slot stays lent: the sender goes inline.
+    client.send(Frame(Kind.PUSH), memoryview(grad + 1))
+    assert client.shm_out.fallbacks == 1
+    np.testing.assert_array_equal(view, grad)                 # the borrowed bytes were not overwritten
+    inline = server.recv(lambda f: Borrow(memoryview(fallback).cast("B")))
+    np.testing.assert_array_equal(fallback, grad + 1)         # on the socket: into the fallback
+    assert np.shares_memory(np.frombuffer(inline.payload, np.float32), fallback)
+    client.send(Frame(Kind.PUSH), memoryview(grad + 2))       # the slot is free again
+    assert client.shm_out.fallbacks == 1
+    again = server.recv(lambda f: Borrow(memoryview(fallback).cast("B")))
+    np.testing.assert_array_equal(np.frombuffer(again.payload, np.float32), grad + 2)
+    with pytest.raises(ProtocolError, match="does not match the expected"):
+        client.send(Frame(Kind.PUSH), memoryview(grad[:-1]))
+        server.recv(lambda f: Borrow(memoryview(fallback).cast("B")))
+
+
 @settings(max_examples=15, deadline=None)
-@given(st.lists(st.integers(min_value=shm.MIN_BYTES // 4, max_value=600_000), min_size=1, max_size=6))
-def test_any_sequence_of_payload_sizes_arrives_exactly(sizes):
+@given(st.lists(st.integers(min_value=shm.MIN_BYTES // 4, max_value=600_000), min_size=1, max_size=6),
+       st.lists(st.booleans(), min_size=6, max_size=6))
+def test_any_sequence_of_payload_sizes_arrives_exactly(sizes, borrow):
     listener = get_transport("tcp").listen("127.0.0.1")
     box = {}
     t = threading.Thread(target=lambda: box.update(conn=_accepted(listener)))
@@ -106,10 +134,11 @@ def test_any_sequence_of_payload_sizes_arrives_exactly(sizes):
     server = box["conn"]
     try:
         rng = np.random.default_rng(len(sizes))
-        for n in sizes:
+        for n, lend in zip(sizes, borrow):
             data = rng.standard_normal(n).astype(np.float32)
             client.send(Frame(Kind.PUSH), memoryview(data))
-            np.testing.assert_array_equal(np.frombuffer(server.recv().payload, np.float32), data)
+            sink = (lambda f: Borrow(memoryview(bytearray(f.payload_len)))) if lend else None
+            np.testing.assert_array_equal(np.frombuffer(server.recv(sink).payload, np.float32), data)
     finally:
         for c in (client, server, listener):
             c.close()

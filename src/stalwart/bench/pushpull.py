@@ -4,8 +4,9 @@ For each (model size, workers, servers) it starts the real coordinator and serve
 processes of a job (ASP, plain SGD), then W client processes that each push a full
 gradient and pull the full parameters in a loop for a fixed time. MB/s counts the
 parameter bytes moved in both directions by all workers. In the same run it measures
-raw loopback TCP (one sender process, one receiver process, large ``sendall`` /
-``recv_into``) and reports the ratio to it.
+the limit of the path and reports the ratio to it: raw loopback TCP (one sender process,
+one receiver process, large ``sendall`` / ``recv_into``) for TCP and LTP, one core's
+memcpy for shared memory.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..config import JobConfig
 from ..layout import ParameterLayout
 from ..launch.cluster import Cluster
 from ..metrics.events import read_events
-from .limits import raw_tcp_mb_per_s
+from .limits import memcpy_mb_per_s, raw_tcp_mb_per_s
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*$")
 
@@ -110,7 +111,10 @@ def measure(params: int, workers: int, servers: int, transport: str, seconds: fl
 
 def run_pushpull(sizes: list[int], workers: list[int], servers: list[int], transport: str = "tcp",
                  seconds: float = 3.0, progress: bool = True) -> dict:
-    limit = raw_tcp_mb_per_s(seconds)
+    if transport == "shm":
+        name, limit = "one core's memcpy", memcpy_mb_per_s(seconds)
+    else:
+        name, limit = "raw loopback TCP, one stream", raw_tcp_mb_per_s(seconds)
     rows = []
     for size in sizes:
         for s in servers:
@@ -122,5 +126,5 @@ def run_pushpull(sizes: list[int], workers: list[int], servers: list[int], trans
                 rows.append(row)
                 if progress:
                     print(f"  {size:>11,} params  {w} workers  {s} servers: "
-                          f"{row['mb_per_s']:8.0f} MB/s ({row['ratio_to_limit']:.2f} of raw TCP)", flush=True)
-    return {"limit": "raw loopback TCP, one stream", "limit_mb_per_s": limit, "rows": rows}
+                          f"{row['mb_per_s']:8.0f} MB/s ({row['ratio_to_limit']:.2f} of {name})", flush=True)
+    return {"limit": name, "limit_mb_per_s": limit, "rows": rows}

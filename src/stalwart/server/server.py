@@ -5,8 +5,10 @@ The shard's state (parameters, version, optimizer, sync policy, locks) is a
 :class:`~stalwart.recovery.RecoveryStrategy`. What is left here is the protocol: which
 frames a worker may send and what each is answered with.
 
-A push is received straight into the connection's own gradient buffer, checked (size,
-shard, finiteness), applied to the shard as a log entry (the sync policy decides what
+A push is received straight into the connection's own gradient buffer or, over shared
+memory, borrowed where it lies in the segment (no copy: the optimizer reads it there,
+and the server is done with it before it reads the connection's next frame), checked
+(size, shard, finiteness), applied to the shard as a log entry (the sync policy decides what
 the optimizer applies), handed to the strategy with its acknowledgement (a strong chain
 sends that once the tail holds the entry), and acknowledged. A pull waits at the
 policy's gate and then sends the buffer itself under the shard's reader lock, so
@@ -36,7 +38,7 @@ from ..recovery.base import OWNERS, Ack
 from ..shard import ShardState
 from ..sync import SyncError
 from ..transport import NO_WORKER, Flag, Frame, Kind, ProtocolError
-from ..transport.base import Listener
+from ..transport.base import Borrow, Listener
 from ..transport.service import FrameService, Refused, Session
 
 # Requests that name a shard and a worker; both are checked before anything else.
@@ -79,7 +81,9 @@ class ParameterServer(FrameService):
         buf = session.data.get("grad")
         if buf is None:
             buf = session.data["grad"] = np.empty_like(self.shard.params)
-        return memoryview(buf).cast("B")
+        # A push is used up before the next frame is read (policies sum or apply it, a
+        # chain copies it into its log), so it may be borrowed from shared memory.
+        return Borrow(memoryview(buf).cast("B")) if frame.kind == Kind.PUSH else memoryview(buf).cast("B")
 
     def _check_shard(self, frame: Frame) -> None:
         if frame.shard != self.shard.shard:

@@ -15,9 +15,27 @@ from typing import Callable
 
 from .frame import Frame
 
+class Borrow:
+    """What a :data:`PayloadSink` returns to take a payload where it already lies.
+
+    Where the payload sits in memory both ends map (a shared-memory segment), the frame's
+    payload is a read-only view of it, with no copy, and it stays valid until the next
+    ``recv`` on that connection (or its ``close``), when the sender may reuse the memory.
+    Anywhere else it is received into ``fallback``, as a plain sink's buffer would be.
+    A server that is done with a push before it reads the next frame (it applies the
+    gradient, and whatever keeps a log copies it) can so apply a gradient straight from
+    the segment."""
+
+    __slots__ = ("fallback",)
+
+    def __init__(self, fallback: memoryview):
+        self.fallback = fallback
+
+
 # Given a received header, return a writable buffer of exactly ``payload_len`` bytes
-# to place the payload in (zero-copy), or None to have a fresh buffer allocated.
-PayloadSink = Callable[[Frame], "memoryview | None"]
+# to place the payload in (zero-copy), a :class:`Borrow`, or None to have a fresh
+# buffer allocated.
+PayloadSink = Callable[[Frame], "memoryview | Borrow | None"]
 
 
 class ConnectionClosed(ConnectionError):

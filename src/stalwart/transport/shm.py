@@ -8,6 +8,12 @@ the segment (once), copies the bytes into the buffer its caller gives it, and ma
 ``seq`` consumed in the segment's header. Two copies, no socket buffers, no wake-ups
 per 64 KB: that is what makes it faster than loopback TCP for large models.
 
+A receiver that can use the bytes where they lie *borrows* them instead
+(:class:`~stalwart.transport.base.Borrow`): it gets a read-only view of the segment and
+marks the payload consumed only when it reads its next frame. A server applies a
+gradient so, straight from the segment: one copy in all, the sender's. The slot rule
+below keeps that safe: until it is marked consumed the sender does not write there.
+
 *Same host* is not guessed from addresses: each end that allows shared memory states
 its host identity (boot id, network and mount namespace, user) when it authenticates,
 and shared memory is used only when both ends stated the same one. So two processes in
@@ -170,10 +176,34 @@ class ShmReceiver:
         self.name: str | None = None
         self.map: _Mapping | None = None
         self.last_seq = 0
+        self.borrowed = 0  # the seq of a payload lent out as a view, not yet consumed
 
     def read_into(self, entry, target: memoryview | None) -> memoryview:
         """Copy the payload that ``entry`` (the frame's ``shm`` meta) names into
         ``target`` (or a fresh buffer) and mark it consumed."""
+        n = self._locate(entry)
+        if target is None:
+            target = memoryview(bytearray(n))
+        np.copyto(np.frombuffer(target, np.uint8), np.frombuffer(self.map.data, np.uint8, n))
+        self.map.words[1] = self.last_seq  # the sender may now reuse the slot
+        return target
+
+    def borrow(self, entry) -> memoryview:
+        """A read-only view of the payload ``entry`` names, in the segment itself; it is
+        marked consumed by :meth:`release` (the connection's next ``recv``)."""
+        n = self._locate(entry)
+        self.borrowed = self.last_seq
+        return self.map.data[:n].toreadonly()
+
+    def release(self) -> None:
+        """The borrowed payload is consumed: the sender may write the slot again."""
+        if self.borrowed and self.map is not None:
+            self.map.words[1] = self.borrowed
+        self.borrowed = 0
+
+    def _locate(self, entry) -> int:
+        """Check ``entry`` against the segment (mapping a new one) and take its seq;
+        returns the payload's length."""
         name, seq, n = self._check(entry)
         if name != self.name:
             self._open(name, n)
@@ -182,12 +212,8 @@ class ShmReceiver:
         if seq != self.last_seq + 1:
             raise ProtocolError(f"shared-memory payload {seq} of segment {name} is out of order "
                                 f"(expected {self.last_seq + 1})")
-        if target is None:
-            target = memoryview(bytearray(n))
-        np.copyto(np.frombuffer(target, np.uint8), np.frombuffer(self.map.data, np.uint8, n))
         self.last_seq = seq
-        self.map.words[1] = seq  # the sender may now reuse the slot
-        return target
+        return n
 
     @staticmethod
     def _check(entry) -> tuple[str, int, int]:
@@ -226,4 +252,4 @@ class ShmReceiver:
     def close(self) -> None:
         if self.map is not None:
             self.map.close()
-        self.name, self.map = None, None
+        self.name, self.map, self.borrowed = None, None, 0

@@ -12,7 +12,7 @@ import socket
 import threading
 
 from . import shm
-from .base import Connection, ConnectionClosed, Listener, PayloadSink, Transport, split_address
+from .base import Borrow, Connection, ConnectionClosed, Listener, PayloadSink, Transport, split_address
 from .frame import HEADER_SIZE, Frame, ProtocolError, decode_header, decode_meta, encode_header
 
 
@@ -96,6 +96,8 @@ class TcpConnection(Connection):
             got += n
 
     def recv(self, sink: PayloadSink | None = None) -> Frame:
+        if self.shm_in is not None:
+            self.shm_in.release()  # whatever the last frame borrowed is the sender's again
         header = memoryview(self._header)
         self._recv_exact(header)
         frame, meta_len = decode_header(header, self.max_payload)
@@ -107,6 +109,8 @@ class TcpConnection(Connection):
                 return self._recv_shared(frame, sink)
         if frame.payload_len:
             target = sink(frame) if sink is not None else None
+            if isinstance(target, Borrow):
+                target = target.fallback  # on the socket: into the caller's buffer, as asked
             if target is None:
                 target = memoryview(bytearray(frame.payload_len))
             elif target.nbytes != frame.payload_len:
@@ -133,10 +137,12 @@ class TcpConnection(Connection):
                                 f"limit of {self.max_payload} bytes")
         frame.payload_len = length
         target = sink(frame) if sink is not None else None
-        if target is not None and target.nbytes != length:
+        expected = target.fallback if isinstance(target, Borrow) else target
+        if expected is not None and expected.nbytes != length:
             raise ProtocolError(f"{frame.kind.name} payload of {length} bytes "
-                                f"does not match the expected {target.nbytes}")
-        frame.payload = self.shm_in.read_into(entry, target)
+                                f"does not match the expected {expected.nbytes}")
+        frame.payload = self.shm_in.borrow(entry) if isinstance(target, Borrow) \
+            else self.shm_in.read_into(entry, target)
         self._moved["shm"] += length
         return frame
 
