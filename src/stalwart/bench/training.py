@@ -16,7 +16,8 @@ ASP, pushes over workers; alone, steps), ``samples_per_s``, ``time_to_target_s``
 (training start to the first evaluation at or above the target; the evaluations' own
 time is part of the clock, for every system), the final accuracy and
 ``cpu_s_per_round`` (every process's CPU seconds over the rounds: stalwart's roles,
-the evaluator not included; DDP's ranks, rank 0's evaluation included).
+the evaluator not included, whose share of the job's CPU a stalwart row gives as
+``eval_cpu_share``; DDP's ranks, rank 0's evaluation included).
 
 Workloads: ``demo`` (MNIST-1D, the 1-D CNN, batch 32: ``make demo``'s) and ``paper``
 (the seed paper's CNN on FashionMNIST, from Debian's ``dataset-fashion-mnist`` files;
@@ -166,7 +167,7 @@ def measure_stalwart(work: Workload, policy: str, workers: int, servers: int, du
     train_s = s["train_s"] or duration_s
     rounds = s["worker_iterations"] / workers  # a round: one batch from every worker
     return _row(f"stalwart/{policy}", work, workers, rounds / train_s, s["time_to_target_s"], s["final_accuracy"],
-                (s["cpu_s"] or 0.0) / max(rounds, 1), run_dir=s["run_dir"])
+                (s["cpu_s"] or 0.0) / max(rounds, 1), run_dir=s["run_dir"], eval_cpu_share=s["eval_cpu_share"])
 
 
 def _row(system: str, work: Workload, workers: int, rounds_per_s: float, to_target: float | None,
