@@ -81,9 +81,10 @@ class ParameterServer(FrameService):
         buf = session.data.get("grad")
         if buf is None:
             buf = session.data["grad"] = np.empty_like(self.shard.params)
+        view = memoryview(buf).cast("B")
         # A push is used up before the next frame is read (policies sum or apply it, a
         # chain copies it into its log), so it may be borrowed from shared memory.
-        return Borrow(memoryview(buf).cast("B")) if frame.kind == Kind.PUSH else memoryview(buf).cast("B")
+        return Borrow(view) if frame.kind == Kind.PUSH else view
 
     def _check_shard(self, frame: Frame) -> None:
         if frame.shard != self.shard.shard:

@@ -15,6 +15,7 @@ from typing import Callable
 
 from .frame import Frame
 
+
 class Borrow:
     """What a :data:`PayloadSink` returns to take a payload where it already lies.
 
