@@ -50,10 +50,13 @@ def test_scaling_sweeps_workers_servers_and_sizes(tmp_path):
 def test_training_bench_runs_stalwart_ddp_and_a_single_process_on_the_same_work(tmp_path):
     from stalwart.bench.training import render_markdown as training_table
     from stalwart.bench.training import run_training
-    result = run_training(["demo"], ["stalwart/bsp", "ddp-gloo", "single"], workers=2, servers=1,
-                          duration_s=3.0, every_s=1.0, target=0.5, out=tmp_path)
+    result = run_training(["demo"], ["stalwart/bsp", "stalwart/bsp/no-overlap", "ddp-gloo", "single"], workers=2,
+                          servers=1, duration_s=3.0, every_s=1.0, target=0.5, out=tmp_path)
     rows = {r["system"]: r for r in result["rows"]}
-    assert set(rows) == {"stalwart/bsp", "ddp-gloo", "single"}
+    assert set(rows) == {"stalwart/bsp", "stalwart/bsp/no-overlap", "ddp-gloo", "single"}
+    assert rows["stalwart/bsp"]["overlap"] and not rows["stalwart/bsp/no-overlap"]["overlap"]
+    for system in ("stalwart/bsp", "stalwart/bsp/no-overlap"):
+        assert rows[system]["compute_ms"] > 0 and rows[system]["exposed_comm_ms"] > 0
     for system, row in rows.items():
         assert "error" not in row, row
         assert row["rounds_per_s"] > 1 and row["cpu_s_per_round"] > 0, row
@@ -61,7 +64,18 @@ def test_training_bench_runs_stalwart_ddp_and_a_single_process_on_the_same_work(
         assert 0.0 < row["final_accuracy"] <= 1.0
     assert rows["single"]["workers"] == 1 and rows["ddp-gloo"]["workers"] == 2
     table = training_table(result)
-    assert table.count("| demo |") == 3 and "ddp-gloo" in table
+    assert table.count("| demo |") == 4 and "ddp-gloo" in table
+
+
+def test_training_bench_systems_parse_and_a_bad_one_is_named():
+    from stalwart.bench.training import parse_system
+    assert parse_system("stalwart/ssp:3/no-overlap") == ("stalwart", "ssp:3", False)
+    assert parse_system("stalwart/bsp") == ("stalwart", "bsp", True)
+    assert parse_system("ddp-gloo") == ("ddp-gloo", None, False)
+    with pytest.raises(ValueError, match="unknown system 'horovod'"):
+        parse_system("horovod")
+    with pytest.raises(ValueError):
+        parse_system("stalwart/nonsense")
 
 
 def test_the_paper_workload_names_the_debian_package_when_its_files_are_missing(tmp_path, monkeypatch):

@@ -99,6 +99,9 @@ def train(
     eval_every: Optional[float] = typer.Option(None, help="seconds between the evaluator's test passes (default 1)"),
     eval_subset: Optional[int] = typer.Option(
         None, help="test examples each periodic pass scores (a fixed seeded draw; default all; the final pass scores all)"),
+    overlap: Optional[bool] = typer.Option(
+        None, help="push gradient buckets while backward runs (default on); --no-overlap pushes after backward"),
+    bucket_mb: Optional[float] = typer.Option(None, help="largest gradient bucket pushed during backward, MB (25)"),
     seed: Optional[int] = typer.Option(None, help="seed of data, initial weights and shuffling"),
     device: Optional[str] = typer.Option(None, help="where workers compute: cpu | cuda | auto"),
     recovery: Optional[str] = typer.Option(
@@ -155,7 +158,8 @@ OPTION_FIELDS = {
     "lr": "optimizer.lr", "momentum": "optimizer.momentum", "duration": "train.duration_s",
     "epochs": "train.epochs", "target_accuracy": "train.target_accuracy",
     "stop_at_target": "train.stop_at_target",
-    "eval_every": "train.eval_interval_s", "eval_subset": "train.eval_subset", "seed": "train.seed", "device": "train.device",
+    "eval_every": "train.eval_interval_s", "eval_subset": "train.eval_subset", "overlap": "train.overlap",
+    "bucket_mb": "train.bucket_mb", "seed": "train.seed", "device": "train.device",
     "buffers": "train.buffers", "buffer_every": "train.buffer_every", "straggler": "faults.stragglers",
     "kill": "faults.kills", "down": "faults.down_s", "recovery": "recovery.strategy",
     "checkpoint_every": "recovery.every_updates", "replicas": "recovery.replicas", "chain_mode": "recovery.mode",
@@ -204,6 +208,9 @@ def run(
     down: Optional[str] = typer.Option(None, help="restart killed roles after this long, e.g. 2s"),
     straggler: Optional[list[str]] = typer.Option(None, "--straggler", help="slow a worker: 1:2.0 | *:jitter=0.5 (repeatable)"),
     transport: Optional[str] = typer.Option(None, help="transport of pushes: tcp | ltp"),
+    overlap: Optional[bool] = typer.Option(
+        None, help="push gradient buckets while backward runs (default on; off for a loop that calls backward() "
+                   "more than once per step)"),
     launcher: Optional[str] = typer.Option(None, help="where roles run: local | ray"),
     ray_address: Optional[str] = typer.Option(None, help="ray: auto | HOST:PORT | local"),
     control: Optional[str] = typer.Option(None, help="coordinator state: memory | etcd://HOST:PORT"),
@@ -428,8 +435,9 @@ def bench_anchors(
 @bench_app.command("training")
 def bench_training(
     workload: list[str] = typer.Option(["demo"], "--workload", help="demo (MNIST-1D, 1-D CNN) | paper (papercnn on FashionMNIST)"),
-    system: list[str] = typer.Option(["stalwart/bsp", "stalwart/asp", "ddp-gloo", "single"], "--system",
-                                     help="stalwart/POLICY | ddp-gloo | single (repeatable)"),
+    system: Optional[list[str]] = typer.Option(
+        None, "--system", help="stalwart/POLICY[/no-overlap] | ddp-gloo | single (repeatable; default: "
+                               "BSP and ASP with and without overlap, DDP over gloo, a single process)"),
     workers: int = typer.Option(4, min=1, max=64, help="worker processes (stalwart and DDP)"),
     servers: int = typer.Option(2, min=1, max=16, help="stalwart's servers"),
     duration: float = typer.Option(20.0, min=1.0, help="seconds of training per system"),
@@ -440,21 +448,18 @@ def bench_training(
 ) -> None:
     """Training speed of stalwart against DDP over gloo and a single process, on the same work."""
     from .bench import training
-    from .sync import parse_policy
 
     for name in workload:
         if name not in training.WORKLOADS:
             _fail(f"unknown workload {name!r}; choose one of {sorted(training.WORKLOADS)}")
         if (why := training.workload_missing(name)) is not None:
             _fail(why)
+    system = system or list(training.SYSTEMS)
     for name in system:
-        if name.startswith("stalwart/"):
-            try:
-                parse_policy(name.split("/", 1)[1])
-            except ValueError as exc:
-                _fail(f"--system {name!r}: {exc}")
-        elif name not in ("ddp-gloo", "single"):
-            _fail(f"unknown system {name!r}; choose stalwart/POLICY, ddp-gloo or single")
+        try:
+            training.parse_system(name)
+        except ValueError as exc:
+            _fail(f"--system {name!r}: {exc}")
     _writable_dir(out, "--out")
     result = training.run_training(workload, system, workers, servers, duration, eval_every, target, out,
                                    progress=None if as_json else lambda line: console.print(line, highlight=False))

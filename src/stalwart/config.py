@@ -151,6 +151,10 @@ class TrainConfig(_Section):
     # server every buffer_every steps, or kept local to each worker.
     buffers: Literal["average", "local"] = "average"
     buffer_every: int = Field(20, ge=1, le=1_000_000, description="steps between buffer averagings")
+    # Push gradient buckets while backward still runs (stalwart.worker.overlap); off: push
+    # the whole gradient after backward. Buckets hold at most bucket_mb megabytes.
+    overlap: bool = True
+    bucket_mb: float = Field(25.0, gt=0, le=4096, description="largest gradient bucket pushed during backward, MB")
 
     @model_validator(mode="after")
     def _has_a_stopping_rule(self) -> "TrainConfig":

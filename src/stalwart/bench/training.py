@@ -2,8 +2,9 @@
 
 On one workload, for the same training time, it runs:
 
-* **stalwart** under each sync policy asked for (BSP and ASP by default): a real job,
-  coordinator, servers and worker processes, with its evaluator in the driver;
+* **stalwart** under each sync policy asked for (BSP and ASP by default), pushing
+  during backward (``stalwart/bsp``) and after it (``stalwart/bsp/no-overlap``): a real
+  job, coordinator, servers and worker processes, with its evaluator in the driver;
 * **DDP over gloo** (``torch.nn.parallel.DistributedDataParallel`` through
   ``torch.distributed``, what a user would pick instead): the same number of worker
   processes, the same model, initial weights, data shares, batch and SGD rule (DDP
@@ -17,7 +18,10 @@ ASP, pushes over workers; alone, steps), ``samples_per_s``, ``time_to_target_s``
 time is part of the clock, for every system), the final accuracy and
 ``cpu_s_per_round`` (every process's CPU seconds over the rounds: stalwart's roles,
 the evaluator not included, whose share of the job's CPU a stalwart row gives as
-``eval_cpu_share``; DDP's ranks, rank 0's evaluation included).
+``eval_cpu_share``; DDP's ranks, rank 0's evaluation included). A stalwart row also
+splits a worker's step into ``compute_ms`` (forward and backward, and with overlap the
+pushes sent meanwhile) and ``exposed_comm_ms`` (``step()``'s wait for the rest of the
+push and the pull), per step of one worker.
 
 Workloads: ``demo`` (MNIST-1D, the 1-D CNN, batch 32: ``make demo``'s) and ``paper``
 (the seed paper's CNN on FashionMNIST, from Debian's ``dataset-fashion-mnist`` files;
@@ -58,7 +62,24 @@ WORKLOADS = {
     "demo": Workload("demo", "mnist1d", "cnn1d"),
     "paper": Workload("paper", "fashion-mnist", "papercnn", lr=0.01, data_dir=str(FASHION_DIR)),
 }
-SYSTEMS = ("stalwart/bsp", "stalwart/asp", "ddp-gloo", "single")
+SYSTEMS = ("stalwart/bsp", "stalwart/bsp/no-overlap", "stalwart/asp", "stalwart/asp/no-overlap", "ddp-gloo",
+           "single")
+NO_OVERLAP = "/no-overlap"
+
+
+def parse_system(name: str) -> tuple[str, str | None, bool]:
+    """``(kind, policy, overlap)`` of a system's name: ``stalwart/POLICY[/no-overlap]``,
+    ``ddp-gloo`` or ``single``; ValueError naming the problem otherwise."""
+    if name.startswith("stalwart/"):
+        policy = name.split("/", 1)[1]
+        overlap = not policy.endswith(NO_OVERLAP)
+        policy = policy if overlap else policy[:-len(NO_OVERLAP)]
+        from ..sync import parse_policy
+        parse_policy(policy)
+        return "stalwart", policy, overlap
+    if name in ("ddp-gloo", "single"):
+        return name, None, False
+    raise ValueError(f"unknown system {name!r}; choose stalwart/POLICY[/no-overlap], ddp-gloo or single")
 
 
 def _data(work: Workload, seed: int):
@@ -153,7 +174,7 @@ def measure_single(work: Workload, duration_s: float, every_s: float, target: fl
 
 
 def measure_stalwart(work: Workload, policy: str, workers: int, servers: int, duration_s: float, every_s: float,
-                     target: float, out: Path, seed: int = 0) -> dict:
+                     target: float, out: Path, seed: int = 0, overlap: bool = True) -> dict:
     from ..config import JobConfig
     from ..launch import Job
     config = JobConfig.validate_dict({
@@ -161,13 +182,17 @@ def measure_stalwart(work: Workload, policy: str, workers: int, servers: int, du
         "data": {"dataset": work.dataset, "batch_size": work.batch, "data_dir": work.data_dir},
         "model": {"name": work.model, "hidden": work.hidden},
         "optimizer": {"name": "sgd", "lr": work.lr, "momentum": work.momentum},
-        "train": {"duration_s": duration_s, "eval_interval_s": every_s, "target_accuracy": target, "seed": seed},
+        "train": {"duration_s": duration_s, "eval_interval_s": every_s, "target_accuracy": target, "seed": seed,
+                  "overlap": overlap},
         "out": str(out), "progress": False})
     s = Job(config).run()
     train_s = s["train_s"] or duration_s
+    steps = max(s["worker_iterations"], 1)
     rounds = s["worker_iterations"] / workers  # a round: one batch from every worker
-    return _row(f"stalwart/{policy}", work, workers, rounds / train_s, s["time_to_target_s"], s["final_accuracy"],
-                (s["cpu_s"] or 0.0) / max(rounds, 1), run_dir=s["run_dir"], eval_cpu_share=s["eval_cpu_share"])
+    return _row(f"stalwart/{policy}" + ("" if overlap else NO_OVERLAP), work, workers, rounds / train_s,
+                s["time_to_target_s"], s["final_accuracy"], (s["cpu_s"] or 0.0) / max(rounds, 1),
+                run_dir=s["run_dir"], eval_cpu_share=s["eval_cpu_share"], overlap=overlap,
+                compute_ms=1000 * s["worker_compute_s"] / steps, exposed_comm_ms=1000 * s["worker_comm_s"] / steps)
 
 
 def _row(system: str, work: Workload, workers: int, rounds_per_s: float, to_target: float | None,
@@ -194,10 +219,11 @@ def run_training(workloads: list[str], systems: list[str], workers: int, servers
         work = WORKLOADS[name]
         for system in systems:
             try:
-                if system.startswith("stalwart/"):
-                    row = measure_stalwart(work, system.split("/", 1)[1], workers, servers, duration_s, every_s,
-                                           target, out / "runs")
-                elif system == "ddp-gloo":
+                kind, policy, overlap = parse_system(system)
+                if kind == "stalwart":
+                    row = measure_stalwart(work, policy, workers, servers, duration_s, every_s, target, out / "runs",
+                                           overlap=overlap)
+                elif kind == "ddp-gloo":
                     row = measure_ddp(work, workers, duration_s, every_s, target)
                 else:
                     row = measure_single(work, duration_s, every_s, target)
@@ -221,14 +247,17 @@ def render_markdown(result: dict) -> str:
     lines = [f"{result['workers']} workers ({result['servers']} servers for stalwart), "
              f"{result['duration_s']:g} s of training each, evaluation every {result['eval_every_s']:g} s, "
              f"target {result['target']:g}, one run each:\n",
-             "| workload | system | rounds/s | samples/s | time to target | final accuracy | CPU s per round |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| workload | system | rounds/s | samples/s | time to target | final accuracy | CPU s per round "
+             "| step: compute / exposed comm |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['workload']} | {r['system']} | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['workload']} | {r['system']} | failed: {r['error']} | | | | | |")
             continue
+        split = f"{r['compute_ms']:.1f} / {r['exposed_comm_ms']:.1f} ms" if "compute_ms" in r else "-"
         lines.append(f"| {r['workload']} | {r['system']} | {r['rounds_per_s']:.1f} | {r['samples_per_s']:.0f} | "
-                     f"{_s(r['time_to_target_s'])} | {r['final_accuracy']:.3f} | {r['cpu_s_per_round'] * 1000:.1f} ms |")
+                     f"{_s(r['time_to_target_s'])} | {r['final_accuracy']:.3f} | {r['cpu_s_per_round'] * 1000:.1f} ms "
+                     f"| {split} |")
     return "\n".join(lines) + "\n"
 
 

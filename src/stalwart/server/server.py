@@ -10,9 +10,11 @@ memory, borrowed where it lies in the segment (no copy: the optimizer reads it t
 and the server is done with it before it reads the connection's next frame), checked
 (size, shard, finiteness), applied to the shard as a log entry (the sync policy decides what
 the optimizer applies), handed to the strategy with its acknowledgement (a strong chain
-sends that once the tail holds the entry), and acknowledged. A pull waits at the
-policy's gate and then sends the buffer itself under the shard's reader lock, so
-parameters go out without a copy and never half-updated.
+sends that once the tail holds the entry), and acknowledged. A push sent in parts, as
+backward produced them, is gathered into that buffer first and then goes the same way
+(:mod:`stalwart.server.assembly`). A pull waits at the policy's gate and then sends the
+buffer itself under the shard's reader lock, so parameters go out without a copy and
+never half-updated.
 
 Model buffers (BatchNorm's running statistics) are not parameters: no gradient moves
 them, and no optimizer should. Shard 0's server keeps each worker's latest offer of
@@ -40,6 +42,7 @@ from ..sync import SyncError
 from ..transport import NO_WORKER, Flag, Frame, Kind, ProtocolError
 from ..transport.base import Borrow, Listener
 from ..transport.service import FrameService, Refused, Session
+from .assembly import PushAssembly
 
 # Requests that name a shard and a worker; both are checked before anything else.
 _SHARD_REQUESTS = {Kind.PUSH, Kind.INIT, Kind.PULL, Kind.DONE, Kind.REPLICATE, Kind.STATE, Kind.FLUSH,
@@ -81,16 +84,35 @@ class ParameterServer(FrameService):
         buf = session.data.get("grad")
         if buf is None:
             buf = session.data["grad"] = np.empty_like(self.shard.params)
+        if frame.kind == Kind.PUSH and frame.flags & Flag.PART:
+            return self._assembly(session).sink(frame, buf)
+        self._no_push_in_parts(session, frame)
         view = memoryview(buf).cast("B")
         # A push is used up before the next frame is read (policies sum or apply it, a
         # chain copies it into its log), so it may be borrowed from shared memory.
         return Borrow(view) if frame.kind == Kind.PUSH else view
+
+    @staticmethod
+    def _assembly(session: Session) -> PushAssembly:
+        parts = session.data.get("parts")
+        if parts is None:
+            parts = session.data["parts"] = PushAssembly(session.data["grad"].size)
+        return parts
+
+    @staticmethod
+    def _no_push_in_parts(session: Session, frame: Frame) -> None:
+        """Nothing but the rest of a push comes between its parts (see server.assembly)."""
+        parts = session.data.get("parts")
+        if parts is not None and parts.open:
+            raise ProtocolError(f"push seq {parts.seq} came in parts and is incomplete; got {frame.kind.name}")
 
     def _check_shard(self, frame: Frame) -> None:
         if frame.shard != self.shard.shard:
             raise ProtocolError(f"{frame.kind.name} for shard {frame.shard} sent to shard {self.shard.shard}")
 
     def handle(self, session: Session, frame: Frame) -> None:
+        if not (frame.kind == Kind.PUSH and frame.flags & Flag.PART):
+            self._no_push_in_parts(session, frame)
         if frame.kind in _SHARD_REQUESTS:
             self._check_shard(frame)
             if frame.worker != NO_WORKER and frame.worker >= self.shard.workers:
@@ -151,6 +173,12 @@ class ParameterServer(FrameService):
 
     def _on_push(self, session: Session, frame: Frame) -> None:
         shard = self.shard
+        if frame.flags & Flag.PART:
+            if "grad" not in session.data:
+                raise ProtocolError("a PUSH part carries no values")
+            frame = self._assembly(session).take(frame, session.data["grad"])
+            if frame is None:
+                return  # the rest of the push is on its way; it is answered once, whole
         grad = shard.checked(frame)
         session.worker = frame.worker
         if (ltp := (frame.meta or {}).get("ltp")) is not None:

@@ -53,6 +53,8 @@ class Flag(enum.IntFlag):
     NONE = 0
     ASYNC_PULL = 1  # pull the latest parameters without waiting on the sync gate
     AFTER_PUSH = 2  # this pull follows a push with the same seq: answer with that push applied
+    PART = 4        # this PUSH is one slice of the shard's gradient (meta "at": its first float);
+                    # the server answers once, when the slices cover the shard
 
 
 class ProtocolError(Exception):

@@ -190,12 +190,25 @@ class ParameterClient:
         # the earliest, which no shard has passed by more than that one barrier.
         return min(resumes)
 
+    def push_part(self, s: int, part: np.ndarray, at: int | None, clock: int) -> None:
+        """Send ``part`` (values ``at`` onwards of shard ``s``'s gradient; None: all of
+        them) ahead of the next :meth:`push_pull`, as (a part of) its push (see
+        :mod:`stalwart.server.assembly`); that request then sends only the pull to a
+        shard whose push is all out."""
+        meta = ({} if at is None else {"at": at}) | ({} if self.hint is None else {"hint": self.hint})
+        self.conns[s].send(Frame(Kind.PUSH, shard=s, worker=self.worker, seq=self.seq + 1, clock=clock,
+                                 flags=0 if at is None else Flag.PART, meta=meta or None),
+                           memoryview(part).cast("B"))
+
     def push_pull(self, grad: np.ndarray | None, params: np.ndarray | None, clock: int,
-                  wait: bool = True) -> list[int]:
+                  wait: bool = True, pushed: frozenset[int] = frozenset(),
+                  broke: frozenset[int] = frozenset()) -> list[int]:
         """Push ``grad`` for ``clock`` and/or pull into ``params``; returns shard versions.
 
         With ``wait`` the pull waits at each shard's sync gate for ``clock``; without, it
-        returns the latest parameters at once.
+        returns the latest parameters at once. ``pushed`` are the shards whose push already
+        went out in parts (:meth:`push_part`), ``broke`` those whose connection broke
+        while it did: they are dealt with as a shard that breaks now.
         """
         grads = self._views(grad) if grad is not None else None
         targets = self._views(params) if params is not None else None
@@ -205,8 +218,11 @@ class ParameterClient:
         broken: set[int] = set()
         pending: list[int] = []
         for s in (s for s in range(self.shards) if s not in self.detached):
+            if s in broke:
+                broken.add(s)
+                continue
             try:
-                self._send(s, request)
+                self._send(s, request, push=s not in pushed)
                 pending.append(s)
             except (ConnectionError, OSError):
                 broken.add(s)
@@ -279,8 +295,8 @@ class ParameterClient:
             poller.register(fd, select.POLLIN)
         return [waiting[fd] for fd, _ in poller.poll()]
 
-    def _send(self, s: int, request: Request) -> None:
-        if request.grads is not None:
+    def _send(self, s: int, request: Request, push: bool = True) -> None:
+        if request.grads is not None and push:
             self.conns[s].send(Frame(Kind.PUSH, shard=s, worker=self.worker, seq=self.seq, clock=request.clock,
                                      meta=None if self.hint is None else {"hint": self.hint}), request.grads[s])
         if request.targets is not None:

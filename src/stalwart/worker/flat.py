@@ -86,16 +86,25 @@ class FlatModel:
 
     def _rehome_grads(self) -> None:
         """Put back any .grad that user code replaced (e.g. zero_grad(set_to_none=True))."""
+        for p, lo, hi in self._slices():
+            self.rehome_grad(p, lo, hi)
+
+    @torch.no_grad()
+    def rehome_grad(self, p: torch.Tensor, lo: int, hi: int) -> None:
+        """Make ``p.grad`` the view of the flat gradient at ``[lo, hi)`` again, keeping its values."""
         base = self.device_grads.data_ptr()
         end = base + self.device_grads.numel() * self.device_grads.element_size()
-        for p, lo, hi in self._slices():
+        if p.grad is None or not base <= p.grad.data_ptr() < end:
             view = self.device_grads[lo:hi].view_as(p)
-            if p.grad is None or not base <= p.grad.data_ptr() < end:
-                if p.grad is not None:
-                    view.copy_(p.grad)
-                else:
-                    view.zero_()  # no gradient reached it: it contributes nothing
-                p.grad = view
+            if p.grad is not None:
+                view.copy_(p.grad)
+            else:
+                view.zero_()  # no gradient reached it: it contributes nothing
+            p.grad = view
+
+    def slices(self) -> list[tuple[torch.Tensor, int, int]]:
+        """Each trained parameter with its range ``[lo, hi)`` in the flat vectors."""
+        return list(self._slices())
 
     @torch.no_grad()
     def gathered_grads(self):

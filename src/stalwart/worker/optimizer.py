@@ -22,6 +22,14 @@ How it works, and why:
   moves them through float32 host vectors (pinned for a GPU), one copy each way; the
   servers always hold a float32 master copy. Parameters that do not require gradients
   are left alone.
+* **Pushing during backward.** With ``overlap`` (the job's ``train.overlap``, on by
+  default) the gradient is cut into buckets along shard boundaries, and each goes out
+  from a sender thread as soon as autograd has finished it, so a round costs about the
+  larger of computation and communication rather than their sum
+  (:class:`~stalwart.worker.overlap.OverlappedPush`); ``step()`` sends the rest and
+  pulls. The servers still see one push per worker per clock, the same bytes. It stays
+  off (``overlap_off`` says why) for a staged model, over LTP, and under an injected
+  straggler; a loop that calls ``backward()`` twice per step must turn it off.
 * **Buffers.** Floating buffers (BatchNorm's running mean and variance) are no gradient's
   business: with ``buffers="average"`` (the job's ``train.buffers``) every
   ``buffer_every`` steps this worker offers them to shard 0's server and takes back the
@@ -75,6 +83,7 @@ from ..control import CoordinatorClient
 from ..layout import ParameterLayout
 from .client import ParameterClient
 from .flat import FlatModel
+from .overlap import DEFAULT_BUCKET_MB, OverlappedPush
 from .session import WorkerSession
 
 
@@ -83,13 +92,15 @@ class ParameterServerOptimizer:
                  coordinator: str | None = None, token: bytes | str | None = None, worker: int = 0,
                  transport: str = "tcp", timeout_s: float = 60.0, train_through=None,
                  session: WorkerSession | None = None, buffers: str | None = None, buffer_every: int | None = None,
-                 staged: bool = False):
+                 staged: bool = False, overlap: bool | None = None, bucket_mb: float | None = None):
         self.flat = FlatModel(model, staged=staged)
         if client is None and coordinator is None and token is None:
             session = session or WorkerSession.from_env()
         if session is not None:
             train = session.job.train
             buffers, buffer_every = buffers or train.buffers, buffer_every or train.buffer_every
+            overlap = train.overlap if overlap is None else overlap
+            bucket_mb = bucket_mb or train.bucket_mb
             if client is None:
                 client, train_through = session.connect(model, self._averaged_size(buffers))
         if buffers not in (None, "average", "local"):
@@ -116,6 +127,21 @@ class ParameterServerOptimizer:
         self.clock = 0
         self.version = 0
         self._started = False
+        self.overlap_off = self._why_no_overlap(overlap if overlap is not None else True)
+        self.overlap = None if self.overlap_off else OverlappedPush(self.flat, client,
+                                                                    bucket_mb or DEFAULT_BUCKET_MB)
+
+    def _why_no_overlap(self, wanted: bool) -> str | None:
+        """Why this worker pushes after backward rather than during it (None: it overlaps)."""
+        if not wanted:
+            return "turned off"
+        if self.flat.staged:
+            return "the gradient is staged through host memory (a device or non-float32 model)"
+        if self.client.transport == "ltp":
+            return "LTP sends a push as one loss-tolerant message"
+        if self.session is not None and self.session.straggler.rules:
+            return "an injected straggler delays its push as a whole"
+        return None
 
     def _averaged_size(self, buffers: str | None) -> int:
         return self.flat.buffer_size if buffers == "average" else 0
@@ -146,11 +172,13 @@ class ParameterServerOptimizer:
             # The gradient was computed on this worker's initial weights, and the servers
             # have trained since (a worker that joins, or restarts): it is stale, so this
             # step only brought the current parameters.
+            self._arm()
             return loss
         if self.session is not None:
             self.session.before_sync(self.clock)
+        pushed, broke = self.overlap.finish() if self.overlap is not None else (frozenset(), frozenset())
         grads = self.flat.gathered_grads()
-        versions = self.client.push_pull(grads, self.flat.params_np, self.clock)
+        versions = self.client.push_pull(grads, self.flat.params_np, self.clock, pushed=pushed, broke=broke)
         if self.train_through is not None:
             back = self.train_through.step(grads, self.flat.params_np, self.clock)
             if back:
@@ -165,7 +193,12 @@ class ParameterServerOptimizer:
             self.average_buffers()
         if self.session is not None:
             self.session.after_sync(self.clock)
+        self._arm()
         return loss
+
+    def _arm(self) -> None:
+        if self.overlap is not None:
+            self.overlap.arm(self.clock)
 
     def average_buffers(self) -> None:
         """Replace this worker's floating buffers by the mean over the workers' latest."""
@@ -173,13 +206,19 @@ class ParameterServerOptimizer:
 
     def sync(self) -> None:
         """Pull the latest parameters without pushing (e.g. before evaluating)."""
+        if self.overlap is not None and self.overlap.started:
+            raise RuntimeError("sync() between backward() and step(): part of this step's push is already out; "
+                               "call step() first")
         if not self._started:
             self._start()
+            self._arm()
         else:
             self.version = min(self._pull())
 
     def close(self) -> None:
         """Leave the job: the servers stop waiting for this worker."""
+        if self.overlap is not None:
+            self.overlap.close()
         if self.session is not None:
             self.session.close(iterations=self.clock)
         elif self.client.conns:
