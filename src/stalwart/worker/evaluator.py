@@ -35,6 +35,14 @@ def score(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int =
     return {"accuracy": correct / len(y), "loss": loss / len(y)}
 
 
+def subset_indices(n: int, subset: int | None, seed: int = 0) -> np.ndarray:
+    """The test examples a periodic pass scores: a fixed seeded draw of ``subset`` of
+    ``n`` (all of them for None, or a subset no smaller than the set), in order."""
+    if subset is None or subset >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, subset, replace=False))
+
+
 class Evaluator:
     """Scores the servers' model. ``subset`` (examples, None for all) is what periodic
     passes score: the same seeded draw every time, so successive points compare."""
@@ -47,11 +55,8 @@ class Evaluator:
         self.flat = FlatModel(model)
         self.x = torch.from_numpy(x_test)
         self.y = torch.from_numpy(y_test)
-        if subset is not None and subset < len(y_test):
-            pick = np.sort(np.random.default_rng(seed).choice(len(y_test), subset, replace=False))
-            self.x_part, self.y_part = self.x[pick], self.y[pick]
-        else:
-            self.x_part, self.y_part = self.x, self.y
+        pick = subset_indices(len(y_test), subset, seed)
+        self.x_part, self.y_part = self.x[pick], self.y[pick]
 
     def evaluate(self, full: bool = True) -> dict:
         """Pull the servers' model and score it on the whole test set, or (``full``

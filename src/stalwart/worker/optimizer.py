@@ -24,7 +24,7 @@ How it works, and why:
   are left alone.
 * **Pushing during backward.** With ``overlap`` (the job's ``train.overlap``, on by
   default) the gradient is cut into buckets along shard boundaries, and each goes out
-  from a sender thread as soon as autograd has finished it, so a round costs about the
+  from autograd's hook as soon as it has finished it, so a round costs about the
   larger of computation and communication rather than their sum
   (:class:`~stalwart.worker.overlap.OverlappedPush`); ``step()`` sends the rest and
   pulls. The servers still see one push per worker per clock, the same bytes. It stays
