@@ -203,7 +203,7 @@ def test_a_second_backward_before_step_is_refused_with_overlap_on(tmp_path):
     try:
         control, _ = cluster.connect("observer")
         opt = ParameterServerOptimizer(model, coordinator=cluster.spec.coordinator, token=cluster.token.hex(),
-                                       worker=0)
+                                       worker=0, overlap=True)
         x, y = torch.from_numpy(ds.x_train[:32]), torch.from_numpy(ds.y_train[:32])
         for _ in range(2):  # the first step is not overlapped (it offers the initial weights)
             opt.zero_grad()

@@ -100,7 +100,7 @@ def train(
     eval_subset: Optional[int] = typer.Option(
         None, help="test examples each periodic pass scores (a fixed seeded draw; default all; the final pass scores all)"),
     overlap: Optional[bool] = typer.Option(
-        None, help="push gradient buckets while backward runs (default on); --no-overlap pushes after backward"),
+        None, help="push gradient buckets while backward runs (default off: see docs/benchmarks.md)"),
     bucket_mb: Optional[float] = typer.Option(None, help="largest gradient bucket pushed during backward, MB (25)"),
     seed: Optional[int] = typer.Option(None, help="seed of data, initial weights and shuffling"),
     device: Optional[str] = typer.Option(None, help="where workers compute: cpu | cuda | auto"),
@@ -209,7 +209,7 @@ def run(
     straggler: Optional[list[str]] = typer.Option(None, "--straggler", help="slow a worker: 1:2.0 | *:jitter=0.5 (repeatable)"),
     transport: Optional[str] = typer.Option(None, help="transport of pushes: tcp | ltp"),
     overlap: Optional[bool] = typer.Option(
-        None, help="push gradient buckets while backward runs (default on; off for a loop that calls backward() "
+        None, help="push gradient buckets while backward runs (default off; not for a loop that calls backward() "
                    "more than once per step)"),
     launcher: Optional[str] = typer.Option(None, help="where roles run: local | ray"),
     ray_address: Optional[str] = typer.Option(None, help="ray: auto | HOST:PORT | local"),

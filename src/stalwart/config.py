@@ -152,8 +152,10 @@ class TrainConfig(_Section):
     buffers: Literal["average", "local"] = "average"
     buffer_every: int = Field(20, ge=1, le=1_000_000, description="steps between buffer averagings")
     # Push gradient buckets while backward still runs (stalwart.worker.overlap); off: push
-    # the whole gradient after backward. Buckets hold at most bucket_mb megabytes.
-    overlap: bool = True
+    # the whole gradient after backward. Buckets hold at most bucket_mb megabytes. Off by
+    # default: with every core busy computing (2 cores, 4 workers) overlap measured slower
+    # (docs/benchmarks.md); it pays where a core or a device is idle during backward.
+    overlap: bool = False
     bucket_mb: float = Field(25.0, gt=0, le=4096, description="largest gradient bucket pushed during backward, MB")
 
     @model_validator(mode="after")

@@ -4,11 +4,13 @@ A worker that overlaps communication with backward (:mod:`stalwart.worker.overla
 sends a shard's gradient as several PUSH frames flagged ``PART``, each a contiguous
 slice named by its first float (meta ``at``), in whatever order backward finished
 them (the last layers first). The server receives each slice straight into its place
-in the connection's gradient buffer and answers nothing until the slices cover the
-shard; then the push goes on as one ordinary PUSH frame. So the sync policy, the
-optimizer, a chain's log, a checkpoint and a stateless server all see exactly what an
-unbucketed push of the same gradient would have given them: one push, one clock, the
-same bytes (and the same single reply: an acknowledgement or one refusal).
+in the connection's gradient buffer (over shared memory, one copy from the segment: a
+part cannot be borrowed, since it must outlive the frame) and answers nothing until the
+slices cover the shard; then the push goes on as one ordinary PUSH frame. So the sync
+policy, the optimizer, a chain's log, a checkpoint and a stateless server all see
+exactly what an unbucketed push of the same gradient would have given them: one push,
+one clock, the same bytes (and the same single reply: an acknowledgement or one
+refusal).
 
 The parts are checked as their headers arrive, before their bytes are placed: a slice
 must lie inside the shard, hold whole floats, not overlap a slice already received, and

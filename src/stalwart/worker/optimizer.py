@@ -22,8 +22,8 @@ How it works, and why:
   moves them through float32 host vectors (pinned for a GPU), one copy each way; the
   servers always hold a float32 master copy. Parameters that do not require gradients
   are left alone.
-* **Pushing during backward.** With ``overlap`` (the job's ``train.overlap``, on by
-  default) the gradient is cut into buckets along shard boundaries, and each goes out
+* **Pushing during backward.** With ``overlap`` (the job's ``train.overlap``; off by
+  default, since on a machine whose cores all compute it measured slower) the gradient is cut into buckets along shard boundaries, and each goes out
   from autograd's hook as soon as it has finished it, so a round costs about the
   larger of computation and communication rather than their sum
   (:class:`~stalwart.worker.overlap.OverlappedPush`); ``step()`` sends the rest and
@@ -127,7 +127,7 @@ class ParameterServerOptimizer:
         self.clock = 0
         self.version = 0
         self._started = False
-        self.overlap_off = self._why_no_overlap(overlap if overlap is not None else True)
+        self.overlap_off = self._why_no_overlap(bool(overlap))
         self.overlap = None if self.overlap_off else OverlappedPush(self.flat, client,
                                                                     bucket_mb or DEFAULT_BUCKET_MB)
 
