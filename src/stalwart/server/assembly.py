@@ -64,8 +64,6 @@ class PushAssembly:
     def take(self, frame: Frame, buffer: np.ndarray) -> Frame | None:
         """After part ``frame`` was received: the whole push as one PUSH frame once the
         parts cover the shard (and the assembly is empty again), else None."""
-        if not frame.payload_len:
-            raise ProtocolError("a PUSH part carries no values")
         if self.filled < self.size:
             return None
         meta = {k: v for k, v in (frame.meta or {}).items() if k != "at"} or None

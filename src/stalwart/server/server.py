@@ -86,22 +86,22 @@ class ParameterServer(FrameService):
             buf = session.data["grad"] = np.empty_like(self.shard.params)
         if frame.kind == Kind.PUSH and frame.flags & Flag.PART:
             return self._assembly(session).sink(frame, buf)
-        self._no_push_in_parts(session, frame)
         view = memoryview(buf).cast("B")
         # A push is used up before the next frame is read (policies sum or apply it, a
         # chain copies it into its log), so it may be borrowed from shared memory.
         return Borrow(view) if frame.kind == Kind.PUSH else view
 
-    @staticmethod
-    def _assembly(session: Session) -> PushAssembly:
+    def _assembly(self, session: Session) -> PushAssembly:
         parts = session.data.get("parts")
         if parts is None:
-            parts = session.data["parts"] = PushAssembly(session.data["grad"].size)
+            parts = session.data["parts"] = PushAssembly(self.shard.size)
         return parts
 
     @staticmethod
     def _no_push_in_parts(session: Session, frame: Frame) -> None:
-        """Nothing but the rest of a push comes between its parts (see server.assembly)."""
+        """Nothing but the rest of a push comes between its parts (see server.assembly);
+        checked before a frame is handled (a payload it brought into the gradient buffer
+        is lost with the connection, and the half-gathered push with it)."""
         parts = session.data.get("parts")
         if parts is not None and parts.open:
             raise ProtocolError(f"push seq {parts.seq} came in parts and is incomplete; got {frame.kind.name}")
@@ -174,7 +174,7 @@ class ParameterServer(FrameService):
     def _on_push(self, session: Session, frame: Frame) -> None:
         shard = self.shard
         if frame.flags & Flag.PART:
-            if "grad" not in session.data:
+            if not frame.payload_len:
                 raise ProtocolError("a PUSH part carries no values")
             frame = self._assembly(session).take(frame, session.data["grad"])
             if frame is None:

@@ -195,10 +195,13 @@ class ParameterClient:
         them) ahead of the next :meth:`push_pull`, as (a part of) its push (see
         :mod:`stalwart.server.assembly`); that request then sends only the pull to a
         shard whose push is all out."""
+        self.conns[s].send(self._push_frame(s, self.seq + 1, clock, at), memoryview(part).cast("B"))
+
+    def _push_frame(self, s: int, seq: int, clock: int, at: int | None = None) -> Frame:
+        """The header of shard ``s``'s push (a part of it from float ``at``, if given)."""
         meta = ({} if at is None else {"at": at}) | ({} if self.hint is None else {"hint": self.hint})
-        self.conns[s].send(Frame(Kind.PUSH, shard=s, worker=self.worker, seq=self.seq + 1, clock=clock,
-                                 flags=0 if at is None else Flag.PART, meta=meta or None),
-                           memoryview(part).cast("B"))
+        return Frame(Kind.PUSH, shard=s, worker=self.worker, seq=seq, clock=clock,
+                     flags=0 if at is None else Flag.PART, meta=meta or None)
 
     def push_pull(self, grad: np.ndarray | None, params: np.ndarray | None, clock: int,
                   wait: bool = True, pushed: frozenset[int] = frozenset(),
@@ -297,8 +300,7 @@ class ParameterClient:
 
     def _send(self, s: int, request: Request, push: bool = True) -> None:
         if request.grads is not None and push:
-            self.conns[s].send(Frame(Kind.PUSH, shard=s, worker=self.worker, seq=self.seq, clock=request.clock,
-                                     meta=None if self.hint is None else {"hint": self.hint}), request.grads[s])
+            self.conns[s].send(self._push_frame(s, self.seq, request.clock), request.grads[s])
         if request.targets is not None:
             flags = (0 if request.wait else Flag.ASYNC_PULL) | (Flag.AFTER_PUSH if request.grads is not None else 0)
             self.pull_conns[s].send(Frame(Kind.PULL, shard=s, worker=self.worker, seq=self.seq, clock=request.clock,

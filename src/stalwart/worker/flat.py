@@ -70,7 +70,8 @@ class FlatModel:
         self.grads_np = self.grads.numpy()
         self.buffers = [b for b in module.buffers() if b.dtype.is_floating_point]
 
-    def _slices(self):
+    def slices(self):
+        """Each trained parameter with its range ``[lo, hi)`` in the flat vectors."""
         offset = 0
         for p in self.parameters:
             yield p, offset, offset + p.numel()
@@ -86,7 +87,7 @@ class FlatModel:
 
     def _rehome_grads(self) -> None:
         """Put back any .grad that user code replaced (e.g. zero_grad(set_to_none=True))."""
-        for p, lo, hi in self._slices():
+        for p, lo, hi in self.slices():
             self.rehome_grad(p, lo, hi)
 
     @torch.no_grad()
@@ -102,9 +103,6 @@ class FlatModel:
                 view.zero_()  # no gradient reached it: it contributes nothing
             p.grad = view
 
-    def slices(self) -> list[tuple[torch.Tensor, int, int]]:
-        """Each trained parameter with its range ``[lo, hi)`` in the flat vectors."""
-        return list(self._slices())
 
     @torch.no_grad()
     def gathered_grads(self):
@@ -114,7 +112,7 @@ class FlatModel:
             if self.staged:
                 self.grads.copy_(self.device_grads)  # device -> host waits for the backward pass
         else:
-            for p, lo, hi in self._slices():
+            for p, lo, hi in self.slices():
                 if p.grad is None:
                     self.grads[lo:hi].zero_()
                 else:
@@ -132,7 +130,7 @@ class FlatModel:
             # again before the next gathered_grads, which waits for the device.
             self.device_params.copy_(self.params, non_blocking=True)
         else:
-            for p, lo, hi in self._slices():
+            for p, lo, hi in self.slices():
                 p.copy_(self.params[lo:hi].view_as(p))
 
     # --- buffers --------------------------------------------------------------------------

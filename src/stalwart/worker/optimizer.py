@@ -22,12 +22,12 @@ How it works, and why:
   moves them through float32 host vectors (pinned for a GPU), one copy each way; the
   servers always hold a float32 master copy. Parameters that do not require gradients
   are left alone.
-* **Pushing during backward.** With ``overlap`` (the job's ``train.overlap``; off by
-  default, since on a machine whose cores all compute it measured slower) the gradient is cut into buckets along shard boundaries, and each goes out
-  from autograd's hook as soon as it has finished it, so a round costs about the
-  larger of computation and communication rather than their sum
+* **Pushing during backward.** With ``overlap`` (the job's ``train.overlap``) the
+  gradient is cut into buckets along shard boundaries, and each goes out from
+  autograd's hook as soon as it is finished, so that communication can proceed where a
+  core or a device is idle during backward
   (:class:`~stalwart.worker.overlap.OverlappedPush`); ``step()`` sends the rest and
-  pulls. The servers still see one push per worker per clock, the same bytes. It stays
+  pulls. Off by default: on a machine whose cores all compute it measured no faster. The servers still see one push per worker per clock, the same bytes. It stays
   off (``overlap_off`` says why) for a staged model, over LTP, and under an injected
   straggler; a loop that calls ``backward()`` twice per step must turn it off.
 * **Buffers.** Floating buffers (BatchNorm's running mean and variance) are no gradient's

@@ -92,7 +92,7 @@ class OverlappedPush:
         if flat.staged:
             raise ValueError("overlap needs the gradient in host memory as backward writes it (an unstaged model)")
         self.flat, self.client = flat, client
-        slices = flat.slices()
+        slices = list(flat.slices())
         bucket_floats = max(1, int(bucket_mb * (1 << 20)) // 4)
         self.buckets = cut_buckets([hi - lo for _, lo, hi in slices], client.bounds, bucket_floats)
         self._of_param: list[list[int]] = [[] for _ in slices]
