@@ -78,8 +78,11 @@ def test_training_bench_systems_parse_and_a_bad_one_is_named():
         parse_system("stalwart/nonsense")
 
 
-def test_the_paper_workload_names_the_debian_package_when_its_files_are_missing(tmp_path, monkeypatch):
+def test_fashion_mnist_names_the_debian_package_when_its_files_are_missing(tmp_path):
     from stalwart.bench import training
-    monkeypatch.setattr(training, "FASHION_DIR", tmp_path)
-    assert "dataset-fashion-mnist" in training.workload_missing("paper")
+    from stalwart.data.datasets import fashion_mnist_missing
+    why = fashion_mnist_missing(tmp_path)
+    assert "dataset-fashion-mnist" in why and str(tmp_path) in why
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")  # present (read later, with its own checks)
+    assert fashion_mnist_missing(tmp_path) is None
     assert training.workload_missing("demo") is None

@@ -171,9 +171,28 @@ def test_elastic_places_a_barrier_where_workers_meet_and_all_shards_hold_it():
     (name, record), = leader.drain_events()
     assert name == "barrier" and record["clocks"] == {0: 7, 1: 3}
     assert record["predicted_wait_s"] == {0: 0.0, 1: 0.0}
+    assert record["expected_wait_s"] == {0: 0.0, 1: 0.0}  # steady intervals: no noise to expect
     assert record["actual_wait_s"] == {0: 0.5, 1: 0.0}
     assert follower.drain_events() == []
     assert leader.hint_for(0) is None       # monitoring again: two pushes each needed
+
+
+def test_elastic_expects_longer_waits_than_zipline_predicts_when_intervals_are_noisy():
+    def barrier_record():
+        leader = parse_policy("elastic:6")(2, 4)
+        # worker 0 steps 1 s, then 2 s (noisy); worker 1 steadily every 3 s
+        _push_all(leader, [(0, 0, 0.0), (1, 0, 0.0), (0, 1, 1.0), (0, 2, 3.0), (1, 1, 3.0)])
+        hints = {w: leader.hint_for(w) for w in (0, 1)}
+        for w in (0, 1):
+            leader.on_push(w, hints[w]["clock"], g(1), now=100.0, hint=hints[w])
+        (_, record), = leader.drain_events()
+        return record
+    record = barrier_record()
+    # The barrier's arrivals are the maximum of noisy times: both workers should expect to
+    # wait longer than the paper's certain prediction, the steady one too.
+    for w in (0, 1):
+        assert record["expected_wait_s"][w] > record["predicted_wait_s"][w] + 0.1
+    assert barrier_record()["expected_wait_s"] == record["expected_wait_s"]  # a fixed-seed draw
 
 
 def test_elastic_adapts_when_a_worker_changes_speed():

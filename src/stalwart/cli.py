@@ -561,42 +561,73 @@ def bench_zipline(
 
 @experiment_app.command("sync")
 def experiment_sync(
-    out: Path = typer.Option(Path("experiments/sync"), help="folder for results, plots and runs"),
-    quick: bool = typer.Option(False, "--quick", help="smoke check: 1 seed, 12 s per run (a few minutes)"),
+    out: Path = typer.Option(Path("experiments/sync"), help="folder for results, plots and runs (one folder per pattern)"),
+    preset: str = typer.Option("demo", help="demo (MNIST-1D, minutes) | paper (the paper's CNN on FashionMNIST, "
+                                            "three straggler patterns, hours)"),
+    quick: bool = typer.Option(False, "--quick", help="smoke check: 1 seed, short runs (demo 12 s; paper 20 s, "
+                                                      "BSP and ElasticBSP, one pattern)"),
     seeds: Optional[int] = typer.Option(None, min=1, help="seeds per policy (default 3; 1 with --quick)"),
-    duration: Optional[float] = typer.Option(None, min=1, help="seconds per run (default 40; 12 with --quick)"),
+    duration: Optional[float] = typer.Option(None, min=1, help="seconds per run (demo 40, paper 120)"),
     policy: Optional[list[str]] = typer.Option(None, "--policy", help="policies to compare (repeatable)"),
-    straggler: Optional[list[str]] = typer.Option(None, "--straggler", help="straggler rules (default 3:2.0)"),
+    pattern: Optional[list[str]] = typer.Option(None, "--pattern", help="straggler patterns to run: straggler | "
+                                                                         "jitter | shift (repeatable)"),
+    straggler: Optional[list[str]] = typer.Option(None, "--straggler", help="straggler rules of one custom "
+                                                                             "pattern, instead of the preset's"),
     workers: int = typer.Option(4, min=1),
     servers: int = typer.Option(2, min=1),
-    batch_size: int = typer.Option(64, min=1),
-    dataset: str = typer.Option("mnist1d", help="data set of every run"),
-    model: str = typer.Option("cnn1d", help="model of every run (a heavier one makes compute dominate)"),
-    target_accuracy: float = typer.Option(0.9, min=0.01, max=1.0),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="per-worker batch (demo 64, paper 32)"),
+    dataset: Optional[str] = typer.Option(None, help="data set of every run (the preset's by default)"),
+    model: Optional[str] = typer.Option(None, help="model of every run (the preset's by default)"),
+    lr: Optional[float] = typer.Option(None, min=0.0, help="SGD learning rate (demo 0.05, paper 0.01)"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder of local data files (paper: FashionMNIST, "
+                                                       "by default where Debian's package puts it)"),
+    target_accuracy: Optional[float] = typer.Option(None, min=0.01, max=1.0, help="demo 0.9, paper 0.85"),
 ) -> None:
-    """BSP, ASP, SSP, DSSP and ElasticBSP on one workload and one straggler pattern."""
+    """BSP, ASP, SSP, DSSP and ElasticBSP on one workload, under each straggler pattern."""
+    import dataclasses
+
     _writable_dir(out, "--out")
-    from .config import ConfigError
-    from .experiments.sync import FULL, POLICIES, QUICK, base_config, render_markdown, run_sync_experiment
+    from .config import ConfigError, JobConfig
+    from .data.datasets import fashion_mnist_missing
+    from .experiments.sync import PRESETS, base_config, patterns, render_markdown, run_patterns
     from .sync import parse_policy
 
-    preset = QUICK if quick else FULL
-    policies = policy or POLICIES
+    if preset not in PRESETS:
+        _fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    chosen = PRESETS[preset].with_quick() if quick else PRESETS[preset]
+    chosen = dataclasses.replace(
+        chosen, seeds=seeds or chosen.seeds, duration_s=duration or chosen.duration_s,
+        policies=tuple(policy or chosen.policies), patterns=tuple(pattern or chosen.patterns),
+        batch_size=batch_size or chosen.batch_size, dataset=dataset or chosen.dataset, model=model or chosen.model,
+        lr=chosen.lr if lr is None else lr, target=target_accuracy or chosen.target,
+        data_dir=str(data_dir) if data_dir else chosen.data_dir)
     try:
-        for p in policies:
+        for p in chosen.policies:
             parse_policy(p)
     except ValueError as exc:
         _fail(str(exc))
-    base = base_config(workers, servers, tuple(straggler if straggler is not None else ("3:2.0",)),
-                       duration or preset["duration_s"], target_accuracy, batch_size, dataset, model)
+    known = patterns(chosen.duration_s)
+    if straggler is not None:
+        rules = {"custom": tuple(straggler)}
+    elif unknown := [p for p in chosen.patterns if p not in known]:
+        _fail(f"unknown straggler pattern {unknown[0]!r}; choose among {', '.join(known)}")
+    else:
+        rules = {p: known[p] for p in chosen.patterns}
+    if chosen.dataset == "fashion-mnist" and (why := fashion_mnist_missing(chosen.data_dir)) is not None:
+        _fail(why)
+    bases = {name: base_config(workers, servers, r, chosen.duration_s, chosen.target, chosen.batch_size,
+                               chosen.dataset, chosen.model, chosen.lr, chosen.data_dir)
+             for name, r in rules.items()}
     try:
-        from .config import JobConfig
-        JobConfig.validate_dict(base)
+        for base in bases.values():
+            JobConfig.validate_dict(base)
     except ConfigError as exc:
         _fail(f"config error: {exc}")
-    result = run_sync_experiment(out, policies, seeds or preset["seeds"], base)
-    console.print(render_markdown(result), highlight=False)
-    console.print(f"results: {out}/results.md, {out}/results.json, {out}/accuracy.png")
+    results = run_patterns(out, chosen, bases)
+    for name, result in results.items():
+        console.print(f"[bold]{name}[/bold]\n" + render_markdown(result), highlight=False)
+    console.print(f"results: {out}/results.md; per pattern: {out}/PATTERN/results.md, accuracy.png, "
+                  f"time_to_bsp.png, time_split.png, runs/")
 
 
 @experiment_app.command("failure")

@@ -42,9 +42,9 @@ from typing import Callable
 
 import numpy as np
 
+from ..data.datasets import FASHION_MNIST_DIR, fashion_mnist_missing
 from ..transport.base import free_port
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Workload:
 WORKLOADS = {
     "demo": Workload("demo", "mnist1d", "cnn1d"),
     # The paper's CNN passes 0.75 on FashionMNIST within a minute here, not 0.9.
-    "paper": Workload("paper", "fashion-mnist", "papercnn", lr=0.01, data_dir=str(FASHION_DIR), target=0.75),
+    "paper": Workload("paper", "fashion-mnist", "papercnn", lr=0.01, data_dir=str(FASHION_MNIST_DIR), target=0.75),
 }
 SYSTEMS = ("stalwart/bsp", "stalwart/bsp/no-overlap", "stalwart/asp", "stalwart/asp/no-overlap", "ddp-gloo",
            "single")
@@ -216,11 +216,7 @@ def _row(system: str, work: Workload, workers: int, rounds_per_s: float, to_targ
 
 def workload_missing(name: str) -> str | None:
     """Why a workload cannot run here (its data files are missing), or None."""
-    if name == "paper" and not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists() \
-            and not (FASHION_DIR / "train-images-idx3-ubyte").exists():
-        return (f"the paper workload needs FashionMNIST in {FASHION_DIR}: install Debian's "
-                f"dataset-fashion-mnist package")
-    return None
+    return fashion_mnist_missing(WORKLOADS[name].data_dir) if name == "paper" else None
 
 
 def run_training(workloads: list[str], systems: list[str], workers: int, servers: int, duration_s: float,

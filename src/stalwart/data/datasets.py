@@ -154,6 +154,21 @@ def _cifar10(data_dir: Path | None, **_: object) -> Dataset:
                    np.concatenate([b[1] for b in train]), xt, yt, 10)
 
 
+# Where Debian's dataset-fashion-mnist package puts its files: the paper presets' data.
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def fashion_mnist_missing(data_dir: Path | str | None = None) -> str | None:
+    """Why FashionMNIST cannot be read from ``data_dir`` (default: the Debian package's
+    folder), naming the package that provides it; None when the files are there."""
+    root = Path(data_dir) if data_dir is not None else FASHION_MNIST_DIR
+    for folder in (root / "FashionMNIST/raw", root):
+        if any((folder / f"train-images-idx3-ubyte{ext}").exists() for ext in ("", ".gz")):
+            return None
+    return (f"FashionMNIST is not in {root}: install Debian's dataset-fashion-mnist package "
+            f"(its files land in {FASHION_MNIST_DIR}), or point --data-dir at a folder with the four IDX files")
+
+
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "mnist1d": _mnist1d,
     "digits": _digits,
