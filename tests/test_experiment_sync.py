@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from stalwart.experiments.sync import base_config, run_sync_experiment
+from stalwart.experiments.sync import PRESETS, base_config, patterns, run_sync_experiment
+from stalwart.faults import Straggler, parse_straggler
 
 pytestmark = pytest.mark.integration
 
@@ -24,5 +25,33 @@ def test_sync_experiment_writes_plot_tables_and_runs(tmp_path):
     assert {r["sync"] for r in on_disk["runs"]} == {"bsp", "elastic:8"}
     table = (tmp_path / "results.md").read_text()
     assert "| `elastic:8` | 1/1 |" in table
-    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
+    for plot in ("accuracy.png", "time_to_bsp.png", "time_split.png"):
+        assert (tmp_path / plot).stat().st_size > 10_000
+    # Each worker's time split adds up to about the run's length, and the straggler's
+    # delay lands on the straggler alone; under BSP the fast worker waits for it.
+    split = bsp["time_split_per_worker"]
+    for w in split:
+        assert 3.0 < sum(w.values()) < 8.0
+    assert split[0]["straggler_s"] == 0 and split[1]["straggler_s"] > 0.5
+    assert split[0]["wait_s"] > split[1]["wait_s"]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["bsp-seed0", "elastic-8-seed0"]
+
+
+@pytest.mark.parametrize("name", ["straggler", "jitter", "shift"])
+def test_every_straggler_pattern_parses_and_the_shift_changes_speed_halfway(name):
+    rules = [parse_straggler(r) for r in patterns(120.0)[name]]
+    assert rules
+    if name == "shift":
+        before = [Straggler(rules, w).delay(0.1, clock=10, elapsed_s=30.0)[0] for w in range(4)]
+        after = [Straggler(rules, w).delay(0.1, clock=10, elapsed_s=90.0)[0] for w in range(4)]
+        assert before == pytest.approx([0, 0, 0, 0.1]) and after == pytest.approx([0.1, 0, 0, 0])
+
+
+def test_presets_name_runnable_jobs():
+    from stalwart.config import JobConfig
+    for preset in PRESETS.values():
+        for quick in (preset, preset.with_quick()):
+            base = base_config(4, 2, patterns(quick.duration_s)[quick.patterns[0]], quick.duration_s, quick.target,
+                               quick.batch_size, quick.dataset, quick.model, quick.lr, quick.data_dir)
+            assert JobConfig.validate_dict(base).train.duration_s == quick.duration_s
+    assert PRESETS["paper"].with_quick().seeds == 1 and PRESETS["paper"].seeds >= 3

@@ -195,6 +195,32 @@ def test_elastic_expects_longer_waits_than_zipline_predicts_when_intervals_are_n
     assert barrier_record()["expected_wait_s"] == record["expected_wait_s"]  # a fixed-seed draw
 
 
+def test_elastic_learns_its_forecast_error_from_past_barriers():
+    leader = parse_policy("elastic:6")(2, 4)
+    # Steady intervals of 1 s: the first plan expects no wait.
+    _push_all(leader, [(0, 0, 0.0), (1, 0, 0.0), (0, 1, 1.0), (1, 1, 1.0)])
+    hints = {w: leader.hint_for(w) for w in (0, 1)}
+    assert hints[0]["clock"] == hints[1]["clock"] == 3  # predicted at 3.0 s, 2 s ahead
+    leader.on_push(0, 3, g(1), now=3.0, hint=hints[0])
+    leader.on_push(1, 3, g(1), now=3.5, hint=hints[1])  # worker 1 arrives 0.5 s late: 25% of its horizon
+    (_, first), = leader.drain_events()
+    assert first["expected_wait_s"] == {0: 0.0, 1: 0.0} and first["arrival_error_s"] == {0: 0.0, 1: 0.5}
+    # Steady again: the intervals alone would expect no wait, the forecast's record does.
+    _push_all(leader, [(0, 4, 4.5), (1, 4, 4.5), (0, 5, 5.5), (1, 5, 5.5)])
+    hints = {w: leader.hint_for(w) for w in (0, 1)}
+    for w in (0, 1):
+        leader.on_push(w, hints[w]["clock"], g(1), now=7.5, hint=hints[w])
+    (_, second), = leader.drain_events()
+    assert second["predicted_wait_s"] == {0: 0.0, 1: 0.0}
+    # Worker 1 strays by 25% of a 2 s horizon (sd 0.5 s), worker 0 not at all: it
+    # waits for worker 1 half the time, about 0.5 * 0.5 * sqrt(2 / pi) = 0.2 s.
+    assert 0.12 < second["expected_wait_s"][0] < 0.3
+    state = leader.state_dict()
+    again = parse_policy("elastic:6")(2, 4)
+    again.load_state_dict(state)
+    assert again.error == leader.error and leader.error[1] > 0 and leader.error[0] == 0
+
+
 def test_elastic_adapts_when_a_worker_changes_speed():
     leader = parse_policy("elastic:20")(2, 4)
     _push_all(leader, [(0, 0, 0.0), (0, 1, 1.0), (1, 0, 0.0), (1, 1, 1.0)])

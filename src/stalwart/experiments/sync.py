@@ -76,12 +76,12 @@ class Preset:
 PRESETS = {
     "demo": Preset("mnist1d", "cnn1d", 64, 0.05, 0.9, 40.0, 3, ("straggler",), tuple(POLICIES),
                    quick={"seeds": 1, "duration_s": 12.0}),
-    # lr 0.01, batch 32: the paper's; R = 30 from the sweep in docs/results/sync-paper.
+    # lr 0.01, batch 32: the paper's. R = 60: the sweep over 15, 30, 60, 150 in docs/results/sync-paper-r.
     "paper": Preset("fashion-mnist", "papercnn", 32, 0.01, 0.85, 120.0, 3, ("straggler", "jitter", "shift"),
-                    ("bsp", "asp", "ssp:3", "dssp:2:4", "elastic:30", "elastic:30:5"),
+                    ("bsp", "asp", "ssp:3", "dssp:2:4", "elastic:60", "elastic:60:5"),
                     data_dir=str(FASHION_MNIST_DIR),
                     quick={"seeds": 1, "duration_s": 20.0, "patterns": ("straggler",),
-                           "policies": ("bsp", "elastic:30")}),
+                           "policies": ("bsp", "elastic:60")}),
 }
 
 
@@ -280,6 +280,7 @@ def plot_time_split(result: dict, path: Path) -> Path:
     colors = dict(zip((k for k, _ in SPLIT), ("tab:green", "tab:olive", "tab:blue", "tab:red")))
     ticks, labels, x = [], [], 0.0
     for r in rows:
+        first = x
         for w, split in enumerate(r["time_split_per_worker"]):
             bottom = 0.0
             for key, name in SPLIT:
@@ -287,8 +288,11 @@ def plot_time_split(result: dict, path: Path) -> Path:
                        label=name if not ticks else None)
                 bottom += split[key]
             ticks.append(x)
-            labels.append(f"{r['policy']}\nw{w}" if w == 0 else f"w{w}")
+            labels.append(f"w{w}")
             x += 1
+        # the policy's name centred under its workers' bars
+        ax.annotate(r["policy"], ((first + x - 1) / 2, 0), xycoords=("data", "axes fraction"),
+                    xytext=(0, -22), textcoords="offset points", ha="center", va="top", fontsize=8)
         x += 0.8  # a gap between policies
     ax.set_xticks(ticks, labels, fontsize=7)
     ax.set(ylabel="seconds per worker", title="where each worker's time went (mean over seeds)")

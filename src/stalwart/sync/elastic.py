@@ -34,10 +34,16 @@ milliseconds. But a worker's interval varies from one step to the next (on share
 cores by half a step or more), a prediction ``k`` steps ahead carries ``k`` such
 errors, and the barrier opens at the *latest* arrival, the maximum of noisy times, which
 lies later than the latest prediction on average. So beside the paper's prediction each
-barrier also logs an *expected* wait: the arrivals are taken as independent normal
-errors around the prediction, with variance ``k`` times the worker's measured interval
-variance (an exponentially weighted one, over about the last ten intervals), and the
-mean wait of each worker under that model is drawn from a fixed-seed sample. It does not
+barrier also logs an *expected* wait: each arrival is taken to stray from its prediction
+by a normal error, and the mean wait of each worker under that model is drawn from a
+fixed-seed sample. The error's scale is learnt from the leader's own past forecasts:
+after each barrier it measures every worker's arrival error relative to how far ahead
+it predicted (``(actual - predicted) / horizon``), and keeps an exponentially weighted
+mean square of it (over about the last ten barriers); the next plan's error for that
+worker is its horizon times the root of that. Errors relative to the horizon, not
+``sqrt(k)`` times one step's: on shared cores a slow phase lasts several steps, so one
+step's errors do not cancel. Before a worker's first barrier the model falls back to
+independent steps, ``k`` times its measured interval variance. The expected wait does not
 change where the barrier falls (that is the paper's rule); it says what wait to expect.
 
 Each barrier is logged with the predicted and the actual wait of every worker. A worker
@@ -58,7 +64,7 @@ import numpy as np
 from .base import ApplyEveryPush, SyncError
 from .zipline import zipline
 
-NOISE_WEIGHT = 0.2  # of the newest interval in the noise estimate: about the last ten
+NOISE_WEIGHT = 0.2  # of the newest interval (and barrier) in the noise estimates: about the last ten
 NOISE_DRAWS = 256   # sampled arrival sets per expected wait
 
 
@@ -81,6 +87,7 @@ class ElasticBSP(ApplyEveryPush):
         self.recent: dict[int, list[tuple[int, float]]] = {}  # pushes since the last release
         self.interval: dict[int, float] = {}       # worker -> its predicted interval (see the docstring)
         self.noise: dict[int, tuple[float, float]] = {}  # worker -> EW mean and variance of its intervals
+        self.error: dict[int, float] = {}          # worker -> EW mean square of its relative arrival error
         self.plan: dict | None = None
 
     # --- leader: monitor, predict, choose ---------------------------------------------
@@ -109,10 +116,13 @@ class ElasticBSP(ApplyEveryPush):
         dev = latest - mean
         self.noise[worker] = (mean + NOISE_WEIGHT * dev, (1 - NOISE_WEIGHT) * (var + NOISE_WEIGHT * dev * dev))
 
-    def _expected_waits(self, workers: list[int], chosen: np.ndarray, steps: np.ndarray, barrier: int) -> np.ndarray:
+    def _expected_waits(self, workers: list[int], chosen: np.ndarray, steps: np.ndarray, horizon: np.ndarray,
+                        barrier: int) -> np.ndarray:
         """Mean wait of each worker at the chosen barrier if every arrival strays from its
-        prediction by a normal error of variance ``steps * (interval variance)``."""
-        sd = np.sqrt(steps * np.array([self.noise.get(w, (0.0, 0.0))[1] for w in workers]))
+        prediction by a normal error: ``horizon`` times the worker's learnt relative error,
+        or before its first barrier of variance ``steps`` times its interval variance."""
+        sd = np.array([horizon[i] * np.sqrt(self.error[w]) if w in self.error
+                       else np.sqrt(steps[i] * self.noise.get(w, (0.0, 0.0))[1]) for i, w in enumerate(workers)])
         rng = np.random.default_rng([barrier, 0xE1A5])
         arrivals = chosen[:, None] + sd[:, None] * rng.standard_normal((len(workers), NOISE_DRAWS))
         return (arrivals.max(axis=0)[None, :] - arrivals).mean(axis=1)
@@ -132,7 +142,7 @@ class ElasticBSP(ApplyEveryPush):
         columns, spread = zipline(predicted)
         search_s = time.perf_counter() - t0
         chosen = predicted[np.arange(len(workers)), columns]
-        expected = self._expected_waits(workers, chosen, columns + 2.0, self.barriers)
+        expected = self._expected_waits(workers, chosen, columns + 2.0, chosen - now, self.barriers)
         self.plan = {
             "barrier": self.barriers, "planned_at": now,
             "clocks": {w: int(last_clock[i] + 2 + columns[i]) for i, w in enumerate(workers)},
@@ -178,6 +188,7 @@ class ElasticBSP(ApplyEveryPush):
         self.recent.pop(worker, None)
         self.interval.pop(worker, None)
         self.noise.pop(worker, None)
+        self.error.pop(worker, None)
         self._open_if_complete(now)
         if self.leader:
             self._plan_if_monitored(now)
@@ -201,10 +212,16 @@ class ElasticBSP(ApplyEveryPush):
             return
         predicted_open = max(plan["predicted"].values())
         t0 = plan["planned_at"]
+        errors = {w: arrived[w] - t for w, t in plan["predicted"].items() if w in arrived}
+        for w, err in errors.items():
+            relative = (err / max(plan["predicted"][w] - t0, 1e-6)) ** 2
+            known = self.error.get(w, relative)
+            self.error[w] = NOISE_WEIGHT * relative + (1 - NOISE_WEIGHT) * known
         self._events.append(("barrier", {
             "barrier": barrier, "clocks": plan["clocks"], "interval_s": plan["interval"],
             "predicted_wait_s": {w: predicted_open - t for w, t in plan["predicted"].items()},
             "expected_wait_s": plan.get("expected_wait", {}),
+            "arrival_error_s": errors,
             "actual_wait_s": {w: now - t for w, t in arrived.items()},
             "predicted_open_s": predicted_open - t0, "actual_open_s": now - t0,
             "predicted_spread_s": plan["spread_s"],
@@ -217,7 +234,7 @@ class ElasticBSP(ApplyEveryPush):
                 "waiting": dict(self.waiting), "barriers": self.barriers,
                 "recent": {w: [list(p) for p in pushes] for w, pushes in self.recent.items()},
                 "interval": dict(self.interval), "plan": self.plan,
-                "noise": {w: list(mv) for w, mv in self.noise.items()}}
+                "noise": {w: list(mv) for w, mv in self.noise.items()}, "error": dict(self.error)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -228,4 +245,5 @@ class ElasticBSP(ApplyEveryPush):
         self.recent = {int(w): [(int(c), float(t)) for c, t in pushes] for w, pushes in state["recent"].items()}
         self.interval = {int(w): float(d) for w, d in state.get("interval", {}).items()}
         self.noise = {int(w): (float(m), float(v)) for w, (m, v) in state.get("noise", {}).items()}
+        self.error = {int(w): float(e) for w, e in state.get("error", {}).items()}
         self.plan = state["plan"]
